@@ -1,0 +1,17 @@
+"""Shared test settings.
+
+Tests find real data (tinyshakespeare, the World vocab, LAMBADA, the SmolLM2 GGUF, ...) through one setting:
+the environment variable RWKV7_DATA_DIR. CI points it at the project's data folder; point it at your own copy.
+A test that needs data fails (it does not skip) when the variable is missing, so CI can never pass silently.
+GPU tests carry the `gpu` marker; CI on a CPU machine deselects them with -m "not gpu".
+"""
+import os
+import pytest
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    d = os.environ.get("RWKV7_DATA_DIR")
+    if not d or not os.path.isdir(d):
+        pytest.fail("set RWKV7_DATA_DIR to the data folder (tinyshakespeare/, rwkv/, gsm8k/, ...)")
+    return d
