@@ -1,0 +1,483 @@
+"""
+RWKV-7 "Goose" (x070) in one file, following the authors' reference implementation
+(BlinkDL/RWKV-LM, RWKV-v7/train_temp/src/model.py) and their inference code (the `rwkv` pip package).
+
+Contents, in the order they run:
+  1. RWKVConfig                      sizes; LoRA ranks default to the authors' current formula
+  2. WKV7                            the recurrence: sequential reference, chunked PyTorch form, GPU kernel hook
+  3. TimeMix, ChannelMix, Block      one RWKV-7 layer (parameter names are the official ones)
+  4. RWKV                            the model: forward with state, init, optimizer groups, official .pth I/O
+  5. L2Wrap                          the authors' gradient-only logit penalty
+
+A note on state. Each layer carries (att_shift [B, C], wkv [B, H, N, N] fp32, ffn_shift [B, C]): the previous
+token's ln1 output, the WKV state in the authors' [value, key] layout, and the previous token's ln2 output.
+`model(idx, state=s)` continues a sequence from `s` and returns the new state, so a text processed in two pieces
+gives the same logits as the text processed at once, and decoding is `model(next_token[:, None], state=s)`.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Config
+
+
+def lora_dim(scale, n_embd):
+    # The authors' rule since 2025-07 (train_temp): max(32, round(scale * sqrt(C) / 32) * 32).
+    # Python's round() is banker's rounding; that is what they use too.
+    return max(32, int(round(scale * math.sqrt(n_embd) / 32) * 32))
+
+
+@dataclass
+class RWKVConfig:
+    n_layer: int = 12
+    n_embd: int = 768
+    vocab_size: int = 65536
+    head_size: int = 64
+    dim_w: int = 0  # LoRA rank of the decay; 0 = lora_dim(2.5, C)
+    dim_a: int = 0  # LoRA rank of the in-context learning rate a; 0 = lora_dim(2.5, C)
+    dim_v: int = 0  # LoRA rank of the value-residual gate; 0 = lora_dim(1.7, C)
+    dim_g: int = 0  # LoRA rank of the output gate; 0 = lora_dim(5, C)
+    wkv_impl: str = "auto"  # 'auto' (GPU kernel on CUDA/ROCm, PyTorch elsewhere), 'kernel' or 'torch'
+
+    def __post_init__(self):
+        if self.n_embd % self.head_size:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of head_size={self.head_size}")
+        if self.wkv_impl not in ("auto", "kernel", "torch"):
+            raise ValueError(f"wkv_impl must be 'auto', 'kernel' or 'torch', got {self.wkv_impl!r}")
+        self.dim_w = self.dim_w or lora_dim(2.5, self.n_embd)
+        self.dim_a = self.dim_a or lora_dim(2.5, self.n_embd)
+        self.dim_v = self.dim_v or lora_dim(1.7, self.n_embd)
+        self.dim_g = self.dim_g or lora_dim(5, self.n_embd)
+
+    @property
+    def n_head(self):
+        return self.n_embd // self.head_size
+
+
+# -----------------------------------------------------------------------------
+# 2. WKV7: the recurrence, per batch b and head h, with state S [value i, key j]:
+#
+#     sa_i   = sum_j a_j S[i, j]                        (uses the old state)
+#     S[i,j] = S[i, j] * decay_j + sa_i * b_j + v_i * k_j
+#     y_i    = sum_j S[i, j] * r_j                      (after the update, no 1/sqrt(N) scale)
+#
+# with decay = exp(-exp(-0.5) * sigmoid(w)): `w` is the raw decay (w0 + tanh(xw @ w1) @ w2), and the -0.5
+# soft-clamps decay into (0.545, 1), which the authors' backstepping kernel relies on. Decay is always fp32.
+# All functions take (B, T, H, N) tensors and an optional fp32 state (B, H, N, N), and return (y, state_out).
+
+LOG_DECAY_SCALE = -math.exp(-0.5)  # log(decay) = LOG_DECAY_SCALE * sigmoid(w), in (-0.6065, 0)
+
+
+def wkv7_sequential(r, w, k, v, a, b, state=None):
+    """Reference: one step at a time, computed in fp32 (or fp64 if the inputs are fp64). Slow but obvious."""
+    B, T, H, N = r.shape
+    dtype = torch.promote_types(r.dtype, torch.float32)
+    r, w, k, v, a, b = (x.to(dtype) for x in (r, w, k, v, a, b))
+    decay = torch.exp(LOG_DECAY_SCALE * torch.sigmoid(w))
+    S = r.new_zeros(B, H, N, N) if state is None else state.to(dtype)
+    ys = []
+    for t in range(T):
+        sa = S @ a[:, t, :, :, None]  # (B, H, N, 1)
+        S = S * decay[:, t, :, None, :] + sa @ b[:, t, :, None, :] + v[:, t, :, :, None] @ k[:, t, :, None, :]
+        ys.append((S @ r[:, t, :, :, None]).squeeze(-1))
+    return torch.stack(ys, dim=1), S
+
+
+def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len=32):
+    """The same recurrence in chunks: matrix products inside a chunk, the exact fp32 state between chunks.
+
+    Inside a chunk, write G_t for the cumulative decay (prod of decay_1..decay_t) and sa_t = S_{t-1} a_t. Then
+        S_t  = S_0 G_t + sum_{s<=t} (sa_s b_s^T + v_s k_s^T) diag(G_t / G_s)
+        sa_t = S_0 (a_t G_{t-1}) + sum_{s<t} [sa_s (b_s/G_s . a_t G_{t-1}) + v_s (k_s/G_s . a_t G_{t-1})]
+    The sa_t of a whole chunk solve one unit-lower-triangular system, shared by all value rows, so each chunk
+    reduces to  S <- S @ transition + injection  and  y = Q @ S^T + y_intra  (all terms built with batched
+    matmuls). Ratios G_t/G_s are formed as products of exp(+-cumulative log decay); with chunk_len 32 these stay
+    within e^(+-19.4), far from fp32 overflow (measured error vs float64: < 1e-6 for any decay). Differentiable end to end (gradients reach `state` too).
+    """
+    B, T, H, N = r.shape
+    L = chunk_len
+    dtype = torch.promote_types(r.dtype, torch.float32)
+    n_chunks = -(-T // L)
+    pad = n_chunks * L - T
+
+    def to_chunks(x):  # (B, T, H, N) -> (B, H, n_chunks, L, N); padded steps are zeros
+        x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
+        return x.view(B, n_chunks, L, H, N).permute(0, 3, 1, 2, 4)
+
+    # padded steps have log decay 0 (decay 1) and zero k, v, a, b, so they leave the state unchanged
+    log_decay = to_chunks(LOG_DECAY_SCALE * torch.sigmoid(w.to(dtype)))
+    r, k, v, a, b = (to_chunks(x) for x in (r, k, v, a, b))
+
+    cum = log_decay.cumsum(dim=-2)  # log G_t, inclusive of step t
+    cum_before = cum - log_decay  # log G_{t-1}
+    cum_last = cum[..., -1:, :]  # log G_L
+    r_dec = r * cum.exp()  # r_t G_t
+    a_dec = a * cum_before.exp()  # a_t G_{t-1}
+    k_inv, b_inv = k * (-cum).exp(), b * (-cum).exp()  # k_s / G_s, b_s / G_s
+    to_end = (cum_last - cum).exp()  # G_L / G_s
+    k_end, b_end = k * to_end, b * to_end
+
+    strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)  # s < t
+    incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(0)  # s <= t
+    M_ab = (a_dec @ b_inv.mT).masked_fill(~strict, 0)  # [t, s]
+    M_ak = (a_dec @ k_inv.mT).masked_fill(~strict, 0)
+    M_rb = (r_dec @ b_inv.mT).masked_fill(~incl, 0)
+    M_rk = (r_dec @ k_inv.mT).masked_fill(~incl, 0)
+
+    # sa (as rows t) = (I - M_ab)^-1 (a_dec S^T + M_ak v) = W1 S^T + U
+    eye = torch.eye(L, dtype=dtype, device=r.device)
+    inv = torch.linalg.solve_triangular(eye - M_ab, eye.expand_as(M_ab), upper=False, unitriangular=True)
+    W1 = inv @ a_dec  # (B, H, nc, L, N_key)
+    U = inv @ (M_ak @ v)  # (B, H, nc, L, N_value)
+    Q = r_dec + M_rb @ W1  # y = Q S^T + y_intra
+    y_intra = M_rb @ U + M_rk @ v
+    transition = torch.diag_embed(cum_last.exp().squeeze(-2)) + W1.mT @ b_end  # (B, H, nc, N, N)
+    injection = U.mT @ b_end + v.mT @ k_end  # (B, H, nc, N_value, N_key)
+
+    S = r.new_zeros(B, H, N, N) if state is None else state.to(dtype)
+    S_before = []
+    for c in range(n_chunks):  # the only sequential part: two small matmuls per chunk
+        S_before.append(S)
+        S = S @ transition[:, :, c] + injection[:, :, c]
+    y = Q @ torch.stack(S_before, dim=2).mT + y_intra  # (B, H, nc, L, N)
+    y = y.permute(0, 2, 3, 1, 4).reshape(B, n_chunks * L, H, N)[:, :T]
+    return y, S
+
+
+# === WKV7 GPU kernels (wkv7.cu, wkv7_hip.cpp) ===
+def wkv7_kernel(r, w, k, v, a, b, state=None):
+    raise NotImplementedError("the CUDA/HIP WKV7 kernel is not available yet; set wkv_impl='torch'")
+# === end WKV7 GPU kernels ===
+
+
+def wkv7(r, w, k, v, a, b, state=None, impl="auto"):
+    """y, state_out = wkv7(r, w, k, v, a, b, state_in). Inputs (B, T, H, N); state fp32 (B, H, N, N) or None.
+    Returns y in r's dtype and the final state in fp32 (fp64 for fp64 inputs)."""
+    if impl == "kernel" or (impl == "auto" and r.is_cuda):
+        return wkv7_kernel(r, w, k, v, a, b, state)
+    if r.shape[1] == 1:  # one-token decoding step
+        y, state = wkv7_sequential(r, w, k, v, a, b, state)
+    else:
+        y, state = wkv7_chunked(r, w, k, v, a, b, state)
+    return y.to(r.dtype), state
+
+
+# -----------------------------------------------------------------------------
+# 3. One RWKV-7 layer
+
+
+def token_shift(x, prev):
+    """The previous token's vector for every position: (B, T, C) -> (B, T, C); `prev` (B, C) or None = zeros."""
+    first = torch.zeros_like(x[:, :1]) if prev is None else prev[:, None].to(x.dtype)
+    return torch.cat([first, x[:, :-1]], dim=1)
+
+
+class TimeMix(nn.Module):
+    """RWKV_Tmix_x070: token shift, six mixes, r/k/v projections, LoRAs for decay/a/value-gate/gate, WKV, ln_x."""
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.layer_id = layer_id
+        self.wkv_impl = config.wkv_impl
+        C, H, N = config.n_embd, config.n_head, config.head_size
+        self.n_head, self.head_size = H, N
+        vec = lambda: nn.Parameter(torch.empty(1, 1, C))  # noqa: E731 (stored [1, 1, C] as in official files)
+        mat = lambda i, o: nn.Parameter(torch.empty(i, o))  # noqa: E731 (LoRA stored [in, out], used as x @ w1)
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = vec(), vec(), vec(), vec(), vec(), vec()
+        self.w0, self.w1, self.w2 = vec(), mat(C, config.dim_w), mat(config.dim_w, C)
+        self.a0, self.a1, self.a2 = vec(), mat(C, config.dim_a), mat(config.dim_a, C)
+        if layer_id > 0:  # layer 0's value is v_first itself; released files have no blocks.0.att.v0/v1/v2
+            self.v0, self.v1, self.v2 = vec(), mat(C, config.dim_v), mat(config.dim_v, C)
+        self.g1, self.g2 = mat(C, config.dim_g), mat(config.dim_g, C)
+        self.k_k, self.k_a = vec(), vec()
+        self.r_k = nn.Parameter(torch.empty(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)  # per-head norm; eps = 1e-5 * head_size as the authors use
+
+    def forward(self, x, v_first, shift=None, wkv_state=None):
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = token_shift(x, shift) - x
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+
+        r = self.receptance(xr)
+        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # raw decay; wkv7 turns it into exp(-e^-0.5 sigmoid(w))
+        k = self.key(xk)
+        v = self.value(xv)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
+        g = torch.sigmoid(xg @ self.g1) @ self.g2  # output gate: sigmoid in the middle, nothing after
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)  # from the unmodified k
+        k = k * (1 + (a - 1) * self.k_a)
+        if self.layer_id == 0:
+            v_first = v
+        else:  # value residual: lerp towards layer 0's value
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+
+        shape = (B, T, H, N)
+        y, wkv_state = wkv7(r.view(shape), w.view(shape), k.view(shape), v.view(shape),
+                            -kk, kk * a.view(shape), wkv_state, self.wkv_impl)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        # "bonus": one scalar per (token, head), sum of r*k*r_k, times that head's value; added after ln_x
+        bonus = (r.view(shape) * k.view(shape) * self.r_k).sum(dim=-1, keepdim=True) * v.view(shape)
+        y = y + bonus.view(B, T, C)
+        return self.output(y * g), v_first, x[:, -1], wkv_state
+
+
+class ChannelMix(nn.Module):
+    """RWKV_CMix_x070: token shift with one mix, then relu(key(x))^2 -> value. Hidden size 4C."""
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.n_embd
+        self.x_k = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, 4 * C, bias=False)
+        self.value = nn.Linear(4 * C, C, bias=False)
+
+    def forward(self, x, shift=None):
+        xk = x + (token_shift(x, shift) - x) * self.x_k
+        return self.value(torch.relu(self.key(xk)) ** 2), x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.layer_id = layer_id
+        C = config.n_embd
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C)  # normalises the (tiny-initialised) embedding; block 0 only
+        self.ln1 = nn.LayerNorm(C)
+        self.ln2 = nn.LayerNorm(C)
+        self.att = TimeMix(config, layer_id)
+        self.ffn = ChannelMix(config)
+
+    def forward(self, x, v_first, state=None):
+        att_shift, wkv_state, ffn_shift = (None, None, None) if state is None else state
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        dx, v_first, att_shift, wkv_state = self.att(self.ln1(x), v_first, att_shift, wkv_state)
+        x = x + dx
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
+        x = x + dx
+        return x, v_first, (att_shift, wkv_state, ffn_shift)
+
+
+# -----------------------------------------------------------------------------
+# 4. The model
+
+
+class RWKV(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_out = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # not tied to emb
+        self.grad_checkpointing = False  # recompute each block in backward (set by the trainers)
+        if not self.emb.weight.is_meta:
+            self.init_weights()
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.emb.weight.numel() - self.head.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, state=None, last_only=False):
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None, new state).
+        targets (B, T) with -1 = ignore gives the mean cross-entropy (L2Wrap added in backward only).
+        state: a list with one (att_shift, wkv, ffn_shift) per layer from a previous call, or None for zeros.
+        last_only: compute the head on the last position only (prefill for sampling)."""
+        B, T = idx.shape
+        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token id {int(idx.max() if idx.max() >= self.config.vocab_size else idx.min())} "
+                             f"is outside the model's vocabulary [0, {self.config.vocab_size})")
+        x = self.emb(idx)
+        v_first, new_state = None, []
+        for i, block in enumerate(self.blocks):
+            s = None if state is None else state[i]
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x, v_first, s = torch.utils.checkpoint.checkpoint(block, x, v_first, s, use_reentrant=False)
+            else:
+                x, v_first, s = block(x, v_first, s)
+            new_state.append(s)
+        x = self.ln_out(x)
+        if targets is None:
+            return self.head(x[:, -1:] if last_only else x), None, new_state
+        logits = self.head(x)
+        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        return logits, L2Wrap.apply(loss, logits), new_state
+
+    # --- initialisation: the authors' generate_init_weight() and module inits (reference §2.2) ---
+
+    @torch.no_grad()
+    def init_weights(self):
+        cfg = self.config
+        L, C, V, N = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.head_size
+        n = torch.arange(C, dtype=torch.float64)
+        ddd = n / C
+        linear = n / (C - 1) - 0.5
+        z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zigzag = z * z.abs()  # per-head pattern in [-1, 1]
+
+        def ortho(p, gain):
+            nn.init.orthogonal_(p, gain=gain)
+
+        def set_vec(p, values):
+            p.copy_(values.view(1, 1, C))
+
+        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
+        ortho(self.head.weight, 0.5 * math.sqrt(V / C) if V > C else 0.5)
+        for norm in [self.ln_out] + [m for blk in self.blocks for m in blk.modules() if isinstance(m, nn.LayerNorm)]:
+            nn.init.ones_(norm.weight), nn.init.zeros_(norm.bias)
+        for i, blk in enumerate(self.blocks):
+            r01 = i / (L - 1) if L > 1 else 0.0
+            r1a0 = 1.0 - i / L
+            att, ffn = blk.att, blk.ffn
+            set_vec(att.x_r, 1 - ddd ** (0.2 * r1a0))
+            set_vec(att.x_w, 1 - ddd ** (0.9 * r1a0))
+            set_vec(att.x_k, 1 - ddd ** (0.7 * r1a0))
+            set_vec(att.x_v, 1 - ddd ** (0.7 * r1a0))
+            set_vec(att.x_a, 1 - ddd ** (0.9 * r1a0))
+            set_vec(att.x_g, 1 - ddd ** (0.2 * r1a0))
+            www = -6 + 6 * (n / (C - 1)) ** (1 + r01 ** 0.3)
+            set_vec(att.w0, www + 0.5 + 2.5 * zigzag)  # +0.5 offsets the -0.5 soft-clamp
+            set_vec(att.a0, -0.19 + 0.3 * zigzag + 0.4 * linear)
+            set_vec(att.k_k, 0.71 - 0.1 * linear)
+            set_vec(att.k_a, torch.full((C,), 1.02, dtype=torch.float64))
+            att.r_k.fill_(-0.04)
+            lora = [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)]
+            if i > 0:
+                set_vec(att.v0, 0.73 - 0.4 * linear)
+                lora.append((att.v1, att.v2))
+            for first, second in lora:  # first LoRA matrix zero, second orthogonal with gain 0.1
+                nn.init.zeros_(first)
+                ortho(second, 0.1)
+            ortho(att.receptance.weight, 1.0)
+            ortho(att.key.weight, 0.1)
+            ortho(att.value.weight, 1.0)
+            nn.init.zeros_(att.output.weight)  # every block starts as the identity
+            att.ln_x.weight.fill_(((1 + i) / L) ** 0.7)
+            nn.init.zeros_(att.ln_x.bias)
+            set_vec(ffn.x_k, 1 - ddd ** (r1a0 ** 4))
+            ortho(ffn.key.weight, 1.0)
+            nn.init.zeros_(ffn.value.weight)
+
+    # --- optimizer: weight decay on the large matrices only, 2x lr on att.w0 (reference §3.2) ---
+
+    def optim_groups(self, weight_decay):
+        """Parameter groups as the authors build them. Each group has 'lr_scale'; trainers set
+        group['lr'] = lr * group['lr_scale'] every step."""
+        scaled, decayed, plain = [], [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if "att.w0" in name:
+                scaled.append(p)
+            elif weight_decay > 0 and p.squeeze().dim() >= 2 and ".weight" in name:
+                decayed.append(p)  # emb, head, r/k/v/o, ffn key/value; never LoRAs, r_k, mixes, norms
+            else:
+                plain.append(p)
+        groups = [dict(params=plain, weight_decay=0.0, lr_scale=1.0),
+                  dict(params=scaled, weight_decay=0.0, lr_scale=2.0),
+                  dict(params=decayed, weight_decay=weight_decay, lr_scale=1.0)]
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas=(0.9, 0.99), eps=1e-18, device_type="cpu"):
+        groups = self.optim_groups(weight_decay)
+        for g in groups:
+            g["lr"] = learning_rate * g["lr_scale"]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+
+    # --- official .pth files (reference §4) ---
+
+    # Files from the authors' current trainer also hold these; layer 0 never uses them (they are absent from
+    # released checkpoints), so they are dropped on load and not written on save.
+    UNUSED_KEYS = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+
+    @staticmethod
+    def config_from_state_dict(sd, **overrides):
+        """Read the architecture off the tensor shapes: layers, width, head size, vocab, the four LoRA ranks."""
+        for key in ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1", "blocks.0.att.g1"):
+            if key not in sd:
+                raise ValueError(f"not an RWKV-7 (x070) checkpoint: it has no '{key}' "
+                                 f"(RWKV-4/5/6 files have no att.r_k; hybrid models load with their own loader)")
+        n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        vocab_size, n_embd = sd["emb.weight"].shape
+        n_head, head_size = sd["blocks.0.att.r_k"].shape
+        dim_v = sd["blocks.1.att.v1"].shape[1] if "blocks.1.att.v1" in sd else 0
+        fields = dict(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, head_size=head_size,
+                      dim_w=sd["blocks.0.att.w1"].shape[1], dim_a=sd["blocks.0.att.a1"].shape[1],
+                      dim_v=dim_v, dim_g=sd["blocks.0.att.g1"].shape[1])
+        fields.update(overrides)
+        return RWKVConfig(**fields)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, **overrides):
+        """Load an official RWKV-7 .pth (bf16, fp16 or fp32) or one written by save_pretrained.
+        overrides: non-architecture config fields, e.g. wkv_impl='torch'."""
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # not a torch file, a pickle with code, a truncated download, ...
+            raise ValueError(f"{path} is not a loadable RWKV-7 .pth file ({type(e).__name__}: {e})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{path} is not an RWKV-7 state dict (a flat dict of tensors): "
+                             f"training checkpoints hold the weights under their 'model' key")
+        config = cls.config_from_state_dict(sd, **overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_official_state_dict(sd, dtype)
+        return model
+
+    def load_official_state_dict(self, sd, dtype=torch.float32):
+        """Strict load with one clear error naming the offending key (no silent strict=False)."""
+        sd = {k: v for k, v in sd.items() if k not in self.UNUSED_KEYS}
+        own = self.state_dict()
+        for k in sd:
+            if k not in own:
+                raise ValueError(f"unexpected key '{k}' in the checkpoint: not part of RWKV-7 (x070) "
+                                 f"L{self.config.n_layer}-D{self.config.n_embd}")
+        for k, p in own.items():
+            if k not in sd:
+                raise ValueError(f"the checkpoint has no '{k}' (incomplete or not an RWKV-7 x070 file)")
+            if sd[k].shape != p.shape:
+                raise ValueError(f"'{k}' has shape {tuple(sd[k].shape)} in the checkpoint, "
+                                 f"the model expects {tuple(p.shape)}")
+        self.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+
+    def save_pretrained(self, path, dtype=torch.bfloat16):
+        """Write the official layout (what the authors' tools and the `rwkv` package load), atomically."""
+        sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        tmp = f"{path}.tmp"
+        torch.save(sd, tmp)
+        os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# 5. L2Wrap (reference §3.5): the loss value is unchanged; backward adds, for every token, a push of
+# 1e-4 / (B*T) * max_logit on the largest logit, which keeps logits from drifting upwards.
+
+
+class L2Wrap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, loss, logits):
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (logits,) = ctx.saved_tensors
+        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
+        max_logit, ids = logits.max(dim=-1, keepdim=True)
+        grad = torch.zeros_like(logits).scatter_(-1, ids, max_logit * factor)
+        return grad_output, grad * grad_output
