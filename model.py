@@ -106,48 +106,45 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len=32):
     n_chunks = -(-T // L)
     pad = n_chunks * L - T
 
-    def to_chunks(x):  # (B, T, H, N) -> (B, H, n_chunks, L, N); padded steps are zeros
-        x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
-        return x.view(B, n_chunks, L, H, N).permute(0, 3, 1, 2, 4)
+    def to_chunks(x):  # (B, T, H, N) -> (n_chunks, B*H, L, N), contiguous; padded steps are zeros
+        x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) if pad else x.to(dtype)
+        return x.view(B, n_chunks, L, H, N).permute(1, 0, 3, 2, 4).reshape(n_chunks, B * H, L, N)
 
     # padded steps have log decay 0 (decay 1) and zero k, v, a, b, so they leave the state unchanged
     log_decay = to_chunks(LOG_DECAY_SCALE * torch.sigmoid(w.to(dtype)))
     r, k, v, a, b = (to_chunks(x) for x in (r, k, v, a, b))
 
     cum = log_decay.cumsum(dim=-2)  # log G_t, inclusive of step t
-    cum_before = cum - log_decay  # log G_{t-1}
     cum_last = cum[..., -1:, :]  # log G_L
-    r_dec = r * cum.exp()  # r_t G_t
-    a_dec = a * cum_before.exp()  # a_t G_{t-1}
-    k_inv, b_inv = k * (-cum).exp(), b * (-cum).exp()  # k_s / G_s, b_s / G_s
-    to_end = (cum_last - cum).exp()  # G_L / G_s
-    k_end, b_end = k * to_end, b * to_end
-
-    strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)  # s < t
-    incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(0)  # s <= t
-    M_ab = (a_dec @ b_inv.mT).masked_fill(~strict, 0)  # [t, s]
-    M_ak = (a_dec @ k_inv.mT).masked_fill(~strict, 0)
-    M_rb = (r_dec @ b_inv.mT).masked_fill(~incl, 0)
-    M_rk = (r_dec @ k_inv.mT).masked_fill(~incl, 0)
+    inv_g = (-cum).exp()
+    ar = torch.cat([a * (cum - log_decay).exp(), r * cum.exp()], dim=-2)  # rows: a_t G_{t-1}, then r_t G_t
+    bk = torch.cat([b * inv_g, k * inv_g], dim=-2)  # rows: b_s / G_s, then k_s / G_s
+    # one matmul gives all four pairings [[a.b, a.k], [r.b, r.k]]; a pairs with earlier steps only (s < t),
+    # r with steps up to its own (s <= t)
+    strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
+    keep = torch.cat([strict.repeat(1, 2), strict.logical_not().T.repeat(1, 2)])
+    M = (ar @ bk.mT).masked_fill_(~keep, 0)
+    M_ab, M_ak, M_rb, M_rk = M[..., :L, :L], M[..., :L, L:], M[..., L:, :L], M[..., L:, L:]
 
     # sa (as rows t) = (I - M_ab)^-1 (a_dec S^T + M_ak v) = W1 S^T + U
     eye = torch.eye(L, dtype=dtype, device=r.device)
     inv = torch.linalg.solve_triangular(eye - M_ab, eye.expand_as(M_ab), upper=False, unitriangular=True)
-    W1 = inv @ a_dec  # (B, H, nc, L, N_key)
-    U = inv @ (M_ak @ v)  # (B, H, nc, L, N_value)
-    Q = r_dec + M_rb @ W1  # y = Q S^T + y_intra
-    y_intra = M_rb @ U + M_rk @ v
-    transition = torch.diag_embed(cum_last.exp().squeeze(-2)) + W1.mT @ b_end  # (B, H, nc, N, N)
-    injection = U.mT @ b_end + v.mT @ k_end  # (B, H, nc, N_value, N_key)
+    W1_U = inv @ torch.cat([ar[..., :L, :], M_ak @ v], dim=-1)  # (nc, B*H, L, 2N): [W1 | U]
+    W1, U = W1_U[..., :N], W1_U[..., N:]
+    Q = ar[..., L:, :] + M_rb @ W1  # y = Q S^T + y_intra
+    y_intra = M[..., L:, :] @ torch.cat([U, v], dim=-2)  # M_rb U + M_rk v
+    end = (cum_last - cum).exp()  # G_L / G_s
+    transition = torch.diag_embed(cum_last.exp().squeeze(-2)) + W1.mT @ (b * end)  # (nc, B*H, N, N)
+    injection = torch.cat([U, v], dim=-2).mT @ torch.cat([b * end, k * end], dim=-2)  # (nc, B*H, N_val, N_key)
 
-    S = r.new_zeros(B, H, N, N) if state is None else state.to(dtype)
+    S = r.new_zeros(B * H, N, N) if state is None else state.to(dtype).reshape(B * H, N, N)
     S_before = []
-    for c in range(n_chunks):  # the only sequential part: two small matmuls per chunk
+    for c in range(n_chunks):  # the only sequential part: one fused matmul-add per chunk
         S_before.append(S)
-        S = S @ transition[:, :, c] + injection[:, :, c]
-    y = Q @ torch.stack(S_before, dim=2).mT + y_intra  # (B, H, nc, L, N)
-    y = y.permute(0, 2, 3, 1, 4).reshape(B, n_chunks * L, H, N)[:, :T]
-    return y, S
+        S = torch.baddbmm(injection[c], S, transition[c])
+    y = Q @ torch.stack(S_before).mT + y_intra  # (nc, B*H, L, N)
+    y = y.view(n_chunks, B, H, L, N).permute(1, 0, 3, 2, 4).reshape(B, n_chunks * L, H, N)[:, :T]
+    return y, S.view(B, H, N, N)
 
 
 # === WKV7 GPU kernels (wkv7.cu, wkv7_hip.cpp) ===
