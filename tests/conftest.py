@@ -15,3 +15,14 @@ def data_dir():
     if not d or not os.path.isdir(d):
         pytest.fail("set RWKV7_DATA_DIR to the data folder (tinyshakespeare/, rwkv/, gsm8k/, ...)")
     return d
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under CI a skipped test is a failure: CPU tests must run, GPU tests are deselected with -m "not gpu"."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if os.environ.get("CI") and skipped:
+        reporter.write_line(f"CI: {len(skipped)} test(s) skipped, and a skip does not count as a pass here:", red=True)
+        for report in skipped:
+            reporter.write_line(f"  {report.nodeid}")
+        session.exitstatus = 1
