@@ -43,11 +43,14 @@ class RWKVConfig:
     dim_a: int = 0  # LoRA rank of the in-context learning rate a; 0 = lora_dim(2.5, C)
     dim_v: int = 0  # LoRA rank of the value-residual gate; 0 = lora_dim(1.7, C)
     dim_g: int = 0  # LoRA rank of the output gate; 0 = lora_dim(5, C)
+    dim_att: int = 0  # width of r/k/v and the WKV heads; 0 = n_embd (differs only in hybrids, e.g. Qwen3)
+    att_bias: bool = False  # biases on r/k/v (hybrids copying a Qwen2 teacher's q/k/v biases)
     wkv_impl: str = "auto"  # 'auto' (GPU kernel on CUDA/ROCm, PyTorch elsewhere), 'kernel' or 'torch'
 
     def __post_init__(self):
-        if self.n_embd % self.head_size:
-            raise ValueError(f"n_embd={self.n_embd} is not a multiple of head_size={self.head_size}")
+        self.dim_att = self.dim_att or self.n_embd
+        if self.dim_att % self.head_size:
+            raise ValueError(f"dim_att={self.dim_att} is not a multiple of head_size={self.head_size}")
         if self.wkv_impl not in ("auto", "kernel", "torch"):
             raise ValueError(f"wkv_impl must be 'auto', 'kernel' or 'torch', got {self.wkv_impl!r}")
         self.dim_w = self.dim_w or lora_dim(2.5, self.n_embd)
@@ -57,7 +60,7 @@ class RWKVConfig:
 
     @property
     def n_head(self):
-        return self.n_embd // self.head_size
+        return self.dim_att // self.head_size
 
 
 # -----------------------------------------------------------------------------
@@ -176,32 +179,74 @@ def token_shift(x, prev):
 
 
 class TimeMix(nn.Module):
-    """RWKV_Tmix_x070: token shift, six mixes, r/k/v projections, LoRAs for decay/a/value-gate/gate, WKV, ln_x."""
+    """RWKV_Tmix_x070: token shift, six mixes, r/k/v projections, LoRAs for decay/a/value-gate/gate, WKV, ln_x.
 
-    def __init__(self, config, layer_id):
+    The mixes act on the input width C; r/k/v, the LoRA outputs and the WKV heads have width A = dim_att (= C in
+    RWKV-7 proper). The first RWKV layer of a model (is_first) produces v_first, the value every later layer
+    blends towards; it has no v0/v1/v2."""
+
+    def __init__(self, config, layer_id, is_first=None):
         super().__init__()
         self.layer_id = layer_id
+        self.is_first = layer_id == 0 if is_first is None else is_first
         self.wkv_impl = config.wkv_impl
-        C, H, N = config.n_embd, config.n_head, config.head_size
+        C, A, H, N = config.n_embd, config.dim_att, config.n_head, config.head_size
         self.n_head, self.head_size = H, N
-        vec = lambda: nn.Parameter(torch.empty(1, 1, C))  # noqa: E731 (stored [1, 1, C] as in official files)
+        vec = lambda n=A: nn.Parameter(torch.empty(1, 1, n))  # noqa: E731 (stored [1, 1, n] as in official files)
         mat = lambda i, o: nn.Parameter(torch.empty(i, o))  # noqa: E731 (LoRA stored [in, out], used as x @ w1)
-        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = vec(), vec(), vec(), vec(), vec(), vec()
-        self.w0, self.w1, self.w2 = vec(), mat(C, config.dim_w), mat(config.dim_w, C)
-        self.a0, self.a1, self.a2 = vec(), mat(C, config.dim_a), mat(config.dim_a, C)
-        if layer_id > 0:  # layer 0's value is v_first itself; released files have no blocks.0.att.v0/v1/v2
-            self.v0, self.v1, self.v2 = vec(), mat(C, config.dim_v), mat(config.dim_v, C)
-        self.g1, self.g2 = mat(C, config.dim_g), mat(config.dim_g, C)
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (vec(C) for _ in range(6))
+        self.w0, self.w1, self.w2 = vec(), mat(C, config.dim_w), mat(config.dim_w, A)
+        self.a0, self.a1, self.a2 = vec(), mat(C, config.dim_a), mat(config.dim_a, A)
+        if not self.is_first:  # released files have no blocks.0.att.v0/v1/v2
+            self.v0, self.v1, self.v2 = vec(), mat(C, config.dim_v), mat(config.dim_v, A)
+        self.g1, self.g2 = mat(C, config.dim_g), mat(config.dim_g, A)
         self.k_k, self.k_a = vec(), vec()
         self.r_k = nn.Parameter(torch.empty(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)  # per-head norm; eps = 1e-5 * head_size as the authors use
+        self.receptance = nn.Linear(C, A, bias=config.att_bias)
+        self.key = nn.Linear(C, A, bias=config.att_bias)
+        self.value = nn.Linear(C, A, bias=config.att_bias)
+        self.output = nn.Linear(A, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, A, eps=64e-5)  # per-head norm; eps = 1e-5 * head_size as the authors use
+
+    @torch.no_grad()
+    def init_weights(self, n_layer):
+        """The authors' init for layer `layer_id` of `n_layer` (reference §2.2, generate_init_weight)."""
+        C, A, N, i, L = self.x_r.shape[-1], self.w0.shape[-1], self.head_size, self.layer_id, n_layer
+        n = torch.arange(max(C, A), dtype=torch.float64)
+        ddd = n[:C] / C
+        linear = n[:A] / (A - 1) - 0.5
+        z = ((n[:A] % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zigzag = z * z.abs()  # per-head pattern in [-1, 1]
+        r01 = i / (L - 1) if L > 1 else 0.0
+        r1a0 = 1.0 - i / L
+        for p, power in [(self.x_r, 0.2), (self.x_w, 0.9), (self.x_k, 0.7), (self.x_v, 0.7), (self.x_a, 0.9),
+                         (self.x_g, 0.2)]:
+            p.copy_((1 - ddd ** (power * r1a0)).view(1, 1, C))
+        www = -6 + 6 * (n[:A] / (A - 1)) ** (1 + r01 ** 0.3)
+        self.w0.copy_((www + 0.5 + 2.5 * zigzag).view(1, 1, A))  # +0.5 offsets the -0.5 soft-clamp of the decay
+        self.a0.copy_((-0.19 + 0.3 * zigzag + 0.4 * linear).view(1, 1, A))
+        self.k_k.copy_((0.71 - 0.1 * linear).view(1, 1, A))
+        self.k_a.fill_(1.02)
+        self.r_k.fill_(-0.04)
+        lora = [(self.w1, self.w2), (self.a1, self.a2), (self.g1, self.g2)]
+        if not self.is_first:
+            self.v0.copy_((0.73 - 0.4 * linear).view(1, 1, A))
+            lora.append((self.v1, self.v2))
+        for first, second in lora:  # first LoRA matrix zero, second orthogonal with gain 0.1
+            nn.init.zeros_(first)
+            nn.init.orthogonal_(second, gain=0.1)
+        nn.init.orthogonal_(self.receptance.weight, gain=1.0)
+        nn.init.orthogonal_(self.key.weight, gain=0.1)
+        nn.init.orthogonal_(self.value.weight, gain=1.0)
+        for lin in (self.receptance, self.key, self.value):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        nn.init.zeros_(self.output.weight)  # every block starts as the identity
+        self.ln_x.weight.fill_(((1 + i) / L) ** 0.7)
+        nn.init.zeros_(self.ln_x.bias)
 
     def forward(self, x, v_first, shift=None, wkv_state=None):
-        B, T, C = x.shape
+        B, T, _ = x.shape
         H, N = self.n_head, self.head_size
         xx = token_shift(x, shift) - x
         xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
@@ -216,7 +261,7 @@ class TimeMix(nn.Module):
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)  # from the unmodified k
         k = k * (1 + (a - 1) * self.k_a)
-        if self.layer_id == 0:
+        if self.is_first:
             v_first = v
         else:  # value residual: lerp towards layer 0's value
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
@@ -224,10 +269,10 @@ class TimeMix(nn.Module):
         shape = (B, T, H, N)
         y, wkv_state = wkv7(r.view(shape), w.view(shape), k.view(shape), v.view(shape),
                             -kk, kk * a.view(shape), wkv_state, self.wkv_impl)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
         # "bonus": one scalar per (token, head), sum of r*k*r_k, times that head's value; added after ln_x
         bonus = (r.view(shape) * k.view(shape) * self.r_k).sum(dim=-1, keepdim=True) * v.view(shape)
-        y = y + bonus.view(B, T, C)
+        y = y + bonus.view(B, T, H * N)
         return self.output(y * g), v_first, x[:, -1], wkv_state
 
 
@@ -319,56 +364,19 @@ class RWKV(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
+        """The authors' generate_init_weight() and module inits (reference §2.2)."""
         cfg = self.config
-        L, C, V, N = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.head_size
-        n = torch.arange(C, dtype=torch.float64)
-        ddd = n / C
-        linear = n / (C - 1) - 0.5
-        z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
-        zigzag = z * z.abs()  # per-head pattern in [-1, 1]
-
-        def ortho(p, gain):
-            nn.init.orthogonal_(p, gain=gain)
-
-        def set_vec(p, values):
-            p.copy_(values.view(1, 1, C))
-
-        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
-        ortho(self.head.weight, 0.5 * math.sqrt(V / C) if V > C else 0.5)
-        for norm in [self.ln_out] + [m for blk in self.blocks for m in blk.modules() if isinstance(m, nn.LayerNorm)]:
+        L, C, V = cfg.n_layer, cfg.n_embd, cfg.vocab_size
+        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)  # tiny: ln0 normalises it
+        nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
+        for norm in [m for m in self.modules() if isinstance(m, nn.LayerNorm)]:
             nn.init.ones_(norm.weight), nn.init.zeros_(norm.bias)
-        for i, blk in enumerate(self.blocks):
-            r01 = i / (L - 1) if L > 1 else 0.0
-            r1a0 = 1.0 - i / L
-            att, ffn = blk.att, blk.ffn
-            set_vec(att.x_r, 1 - ddd ** (0.2 * r1a0))
-            set_vec(att.x_w, 1 - ddd ** (0.9 * r1a0))
-            set_vec(att.x_k, 1 - ddd ** (0.7 * r1a0))
-            set_vec(att.x_v, 1 - ddd ** (0.7 * r1a0))
-            set_vec(att.x_a, 1 - ddd ** (0.9 * r1a0))
-            set_vec(att.x_g, 1 - ddd ** (0.2 * r1a0))
-            www = -6 + 6 * (n / (C - 1)) ** (1 + r01 ** 0.3)
-            set_vec(att.w0, www + 0.5 + 2.5 * zigzag)  # +0.5 offsets the -0.5 soft-clamp
-            set_vec(att.a0, -0.19 + 0.3 * zigzag + 0.4 * linear)
-            set_vec(att.k_k, 0.71 - 0.1 * linear)
-            set_vec(att.k_a, torch.full((C,), 1.02, dtype=torch.float64))
-            att.r_k.fill_(-0.04)
-            lora = [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)]
-            if i > 0:
-                set_vec(att.v0, 0.73 - 0.4 * linear)
-                lora.append((att.v1, att.v2))
-            for first, second in lora:  # first LoRA matrix zero, second orthogonal with gain 0.1
-                nn.init.zeros_(first)
-                ortho(second, 0.1)
-            ortho(att.receptance.weight, 1.0)
-            ortho(att.key.weight, 0.1)
-            ortho(att.value.weight, 1.0)
-            nn.init.zeros_(att.output.weight)  # every block starts as the identity
-            att.ln_x.weight.fill_(((1 + i) / L) ** 0.7)
-            nn.init.zeros_(att.ln_x.bias)
-            set_vec(ffn.x_k, 1 - ddd ** (r1a0 ** 4))
-            ortho(ffn.key.weight, 1.0)
-            nn.init.zeros_(ffn.value.weight)
+        ddd = torch.arange(C, dtype=torch.float64) / C
+        for i, block in enumerate(self.blocks):
+            block.att.init_weights(L)
+            block.ffn.x_k.copy_((1 - ddd ** ((1.0 - i / L) ** 4)).view(1, 1, C))
+            nn.init.orthogonal_(block.ffn.key.weight, gain=1.0)
+            nn.init.zeros_(block.ffn.value.weight)
 
     # --- optimizer: weight decay on the large matrices only, 2x lr on att.w0 (reference §3.2) ---
 
