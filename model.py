@@ -15,6 +15,7 @@ token's ln1 output, the WKV state in the authors' [value, key] layout, and the p
 gives the same logits as the text processed at once, and decoding is `model(next_token[:, None], state=s)`.
 """
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -151,8 +152,77 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len=32):
 
 
 # === WKV7 GPU kernels (wkv7.cu, wkv7_hip.cpp) ===
+# Compiled at first use by torch.utils.cpp_extension.load (ninja) into TORCH_EXTENSIONS_DIR, one build per head size
+# (wkv7_n64, ...), which is also the namespace of its ops: torch.ops.wkv7_n64.forward / backward. WKV7_CFLAGS adds
+# compiler flags (e.g. "-DWKV7_TF32X=3"; such a build gets a name of its own). WKV7_VERBOSE=1 shows the build. If
+# the first call hangs while loading, an interrupted build left a file named 'lock' in that folder: delete it.
+_WKV7_OPS = {}  # head size -> (forward op, backward op)
+WKV7_ROWS_PER_BLOCK = 0  # state rows per thread block: 16, 32 or 64; 0 = chosen from B*H (tests and bench set it)
+
+
+def _wkv7_build(N):
+    import zlib
+    from torch.utils import cpp_extension
+
+    extra = os.environ.get("WKV7_CFLAGS", "").split()
+    name = f"wkv7_n{N}" + (f"_{zlib.crc32(' '.join(extra).encode()):08x}" if extra else "")
+    here = os.path.dirname(os.path.abspath(__file__))
+    flags = [f"-D_N_={N}", f"-DWKV7_NS={name}", "-O3"]
+    if torch.version.hip:  # the device compiler takes only .hip/.cu files: hand it wkv7_hip.cpp under a .hip name
+        src = os.path.join(cpp_extension._get_build_directory(name, False), "wkv7_hip.hip")
+        with open(os.path.join(here, "wkv7_hip.cpp"), "rb") as f:
+            text = f.read()
+        if not os.path.exists(src) or open(src, "rb").read() != text:  # rewrite only on change (ninja reads mtimes)
+            with open(src, "wb") as f:
+                f.write(text)
+        flags += ["-ffast-math"]
+    else:
+        src = os.path.join(here, "wkv7.cu")
+        flags += ["--use_fast_math", "-Xptxas=-O3"]
+    cpp_extension.load(name=name, sources=[src], extra_cflags=["-O3"], extra_cuda_cflags=flags + extra,
+                       is_python_module=False, verbose=os.environ.get("WKV7_VERBOSE") == "1")
+    ops = getattr(torch.ops, name)
+    for op in ("forward", "backward"):  # both ops only write into their (a!) outputs: nothing to compute when faked
+        torch.library.register_fake(f"{name}::{op}")(lambda *args: None)
+    return ops.forward.default, ops.backward.default
+
+
+class _WKV7Kernel(torch.autograd.Function):
+    """bf16 contiguous (B, T, H, N) inputs, fp32 contiguous state; saves the state at every 16th step for backward."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0):
+        B, T, H, N = r.shape
+        y, sT = torch.empty_like(r), torch.empty_like(s0)
+        ckpt = s0.new_empty(B, H, (T + 15) // 16, N, N)
+        _WKV7_OPS[N][0](r, w, k, v, a, b, s0, y, sT, ckpt, WKV7_ROWS_PER_BLOCK)
+        ctx.save_for_backward(r, w, k, v, a, b, ckpt)
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, w, k, v, a, b, ckpt = ctx.saved_tensors
+        B, T, H, N = r.shape
+        dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()
+        dsT = ckpt.new_zeros(B, H, N, N) if dsT is None else dsT.float().contiguous()
+        grads = [torch.empty_like(r) for _ in range(6)]
+        ds0 = torch.empty_like(dsT)
+        _WKV7_OPS[N][1](r, w, k, v, a, b, ckpt, dy, dsT, *grads, ds0, WKV7_ROWS_PER_BLOCK)
+        return (*grads, ds0)
+
+
 def wkv7_kernel(r, w, k, v, a, b, state=None):
-    raise NotImplementedError("the CUDA/HIP WKV7 kernel is not available yet; set wkv_impl='torch'")
+    """wkv7() on the GPU kernels (wkv7.cu on CUDA, wkv7_hip.cpp on ROCm): inputs go in as bf16, y comes back in
+    r's dtype, the state is fp32. Differentiable in all seven inputs."""
+    B, T, H, N = r.shape
+    if N not in _WKV7_OPS:
+        _WKV7_OPS[N] = _wkv7_build(N)
+    s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
+    if T == 0:
+        return r.new_empty(r.shape), s0.clone()
+    xs = [x.to(torch.bfloat16).contiguous() for x in (r, w, k, v, a, b)]
+    y, sT = _WKV7Kernel.apply(*xs, s0)
+    return y.to(r.dtype), sT
 # === end WKV7 GPU kernels ===
 
 
@@ -486,3 +556,242 @@ class L2Wrap(torch.autograd.Function):
         max_logit, ids = logits.max(dim=-1, keepdim=True)
         grad = torch.zeros_like(logits).scatter_(-1, ids, max_logit * factor)
         return grad_output, grad * grad_output
+
+
+# -----------------------------------------------------------------------------
+# 6. Hybrids: a Hugging Face causal LM (Llama, Qwen2, Qwen3; SmolLM2 is Llama) whose self-attention is replaced,
+# in chosen layers, by RWKV-7 time-mixers. We run the model's own embedding, decoder layers, norm and head in our
+# loop, so kept attention layers are exactly the teacher's code; we own positions, masks and the state:
+#   - each RWKV layer carries (att_shift, wkv) like a block of RWKV above; kept attention layers carry keys/values;
+#   - v_first is the value of the first RWKV layer, shared with the later ones (as layer 0's is in RWKV-7).
+# Stage 1 of distillation runs the frozen teacher attention beside each student ("align" mode): the residual
+# stream continues with the teacher's output, and the loss is the distance between the two outputs.
+
+
+def load_hf_model(spec, dtype=torch.float32):
+    """A causal LM from a hub id, a local directory, or a .gguf file (transformers dequantizes it; needs gguf)."""
+    from transformers import AutoModelForCausalLM
+    spec = str(spec)
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"teacher GGUF file {spec} does not exist")
+        return AutoModelForCausalLM.from_pretrained(os.path.dirname(spec) or ".", gguf_file=os.path.basename(spec),
+                                                    dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+
+
+def select_layers(spec, n_layer):
+    """Which layers become RWKV: 'all', 'none', a list of indices, or a Python slice string like '0:30:2'."""
+    if spec == "all":
+        return list(range(n_layer))
+    if spec == "none":
+        return []
+    if isinstance(spec, str):
+        return list(range(n_layer))[slice(*[int(x) if x else None for x in spec.split(":")])]
+    layers = sorted(set(int(i) for i in spec))
+    if layers and not (0 <= layers[0] and layers[-1] < n_layer):
+        raise ValueError(f"rwkv_layers {layers} out of range for a model with {n_layer} layers")
+    return layers
+
+
+class HybridState:
+    """What a hybrid carries between calls: (att_shift, wkv) per RWKV layer, (keys, values) per attention layer,
+    and the number of tokens seen. `update` is the one method of Hugging Face's Cache that attention layers call.
+    A forward never modifies the state it was given (it builds a new one), so one state can seed many samples."""
+
+    def __init__(self, length=0, rwkv=None, kv=None):
+        self.length, self.rwkv, self.kv = length, dict(rwkv or {}), dict(kv or {})
+        self.v_first, self.align_losses = None, []  # scratch of one forward
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if layer_idx in self.kv:
+            old_key, old_value = self.kv[layer_idx]
+            key, value = torch.cat([old_key, key], dim=-2), torch.cat([old_value, value], dim=-2)
+        self.kv[layer_idx] = (key, value)
+        return key, value
+
+    def map(self, fn):
+        """A new state with fn applied to every tensor, e.g. lambda t: t.repeat_interleave(8, 0) for 8 samples."""
+        return HybridState(self.length, {i: tuple(fn(t) for t in s) for i, s in self.rwkv.items()},
+                           {i: tuple(fn(t) for t in s) for i, s in self.kv.items()})
+
+
+class RWKVAttention(nn.Module):
+    """Stands in for a Hugging Face `self_attn`: same call, same (output, weights) return. The time-mixer is
+    `student`; in stage 1 the frozen teacher attention is `teacher_attn`. The per-forward HybridState is reached
+    through `slot`, a plain object shared by all layers of one hybrid (not a module, so nothing is saved)."""
+
+    def __init__(self, student, slot, layer_idx, teacher_attn=None):
+        super().__init__()
+        self.student, self.slot, self.layer_idx = student, slot, layer_idx
+        self.teacher_attn = teacher_attn
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        state = self.slot.state
+        shift, wkv = state.rwkv.get(self.layer_idx, (None, None))
+        out, state.v_first, shift, wkv = self.student(hidden_states, state.v_first, shift, wkv)
+        state.rwkv[self.layer_idx] = (shift, wkv)
+        if self.slot.align:  # stage 1: compare with the teacher, continue with the teacher
+            with torch.no_grad():
+                target, _ = self.teacher_attn(hidden_states, position_embeddings, attention_mask, None, **kwargs)
+            # per-token L2 distance, divided by sqrt(width) so that it reads as an RMS and is size independent
+            state.align_losses.append((out.float() - target.float()).norm(dim=-1).mean() / math.sqrt(out.shape[-1]))
+            return target, None
+        return out, None
+
+
+class _Slot:
+    state, align = None, False
+
+
+class Hybrid(nn.Module):
+    """hf_model (a *ForCausalLM) with the attention of `rwkv_layers` replaced by RWKV-7 TimeMix layers.
+
+    init_from_teacher: copy q/k/v/o into receptance/key/value/output (key/value heads repeated in Hugging Face's
+    repeat_kv order: query head h reads key/value head h // n_rep), the rest takes the authors' init.
+    keep_teacher_attention: keep the replaced attention beside each student, frozen, for stage 1."""
+
+    def __init__(self, hf_model, rwkv_layers="all", init_from_teacher=True, keep_teacher_attention=False,
+                 wkv_impl="auto"):
+        super().__init__()
+        self.hf = hf_model
+        cfg = hf_model.config
+        layers = hf_model.model.layers
+        self.rwkv_layers = select_layers(rwkv_layers, len(layers))
+        attn0 = layers[0].self_attn
+        if attn0.o_proj.bias is not None:
+            raise ValueError("teachers with a bias on o_proj are not supported (RWKV-7's output has no bias)")
+        head_dim = attn0.head_dim
+        dtype = attn0.q_proj.weight.dtype
+        self.rwkv_config = RWKVConfig(n_layer=len(layers), n_embd=cfg.hidden_size, vocab_size=cfg.vocab_size,
+                                      head_size=head_dim, dim_att=cfg.num_attention_heads * head_dim,
+                                      att_bias=attn0.q_proj.bias is not None, wkv_impl=wkv_impl)
+        self.slot = _Slot()
+        for i in self.rwkv_layers:
+            attn = layers[i].self_attn
+            student = TimeMix(self.rwkv_config, i, is_first=i == self.rwkv_layers[0])
+            student.to(device=attn.q_proj.weight.device)
+            student.init_weights(len(layers))
+            if init_from_teacher:
+                copy_attention_into(student, attn)
+            layers[i].self_attn = RWKVAttention(student.to(dtype), self.slot, i,
+                                                attn.requires_grad_(False) if keep_teacher_attention else None)
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def student_parameters(self):
+        return [p for n, p in self.named_parameters() if ".student." in n]
+
+    def set_trainable(self, which):
+        """'student' (the RWKV layers only), 'all', or 'all_but_mlp'. The teacher attention is always frozen."""
+        if which not in ("student", "all", "all_but_mlp"):
+            raise ValueError(f"trainable must be 'student', 'all' or 'all_but_mlp', got {which!r}")
+        for name, p in self.named_parameters():
+            train = which == "all" or (which == "student" and ".student." in name) or (
+                which == "all_but_mlp" and ".mlp." not in name)
+            p.requires_grad_(train and ".teacher_attn." not in name)
+
+    def drop_teacher_attention(self):
+        for i in self.rwkv_layers:
+            self.hf.model.layers[i].self_attn.teacher_attn = None
+
+    def untie_embeddings(self):
+        """Give the head its own copy of the embedding (RADLADS found tied embeddings distil badly)."""
+        if self.hf.lm_head.weight is self.hf.model.embed_tokens.weight:
+            self.hf.lm_head.weight = nn.Parameter(self.hf.model.embed_tokens.weight.detach().clone())
+        self.hf.config.tie_word_embeddings = False
+
+    def forward(self, idx, targets=None, state=None, last_only=False, align=False):
+        """Same contract as RWKV.forward: (logits, loss, new state). With align=True (stage 1, needs the teacher
+        attention) the residual stream is the teacher's and `loss` is the mean alignment loss over RWKV layers."""
+        B, T = idx.shape
+        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"a token id is outside the model's vocabulary [0, {self.config.vocab_size})")
+        inner = self.hf.model
+        past = 0 if state is None else state.length
+        new_state = HybridState(past + T) if state is None else HybridState(past + T, state.rwkv, state.kv)
+        x = inner.embed_tokens(idx)
+        positions = torch.arange(past, past + T, device=idx.device)[None].expand(B, T)
+        rope = inner.rotary_emb(x, positions)
+        mask = None  # plain causal attention; continuing after a cache needs an explicit mask
+        if past and T > 1:
+            allowed = torch.arange(past + T, device=idx.device)[None] <= positions[0][:, None]
+            mask = torch.zeros(T, past + T, dtype=x.dtype, device=idx.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)[None, None].expand(B, 1, T, past + T)
+        self.slot.state, self.slot.align = new_state, align
+        try:
+            for layer in inner.layers:
+                x = layer(x, attention_mask=mask, position_ids=positions, past_key_values=new_state,
+                          position_embeddings=rope)
+        finally:
+            self.slot.state, self.slot.align = None, False
+        new_state.v_first = None
+        x = inner.norm(x)
+        logits = self.hf.lm_head(x[:, -1:] if last_only else x)
+        loss = None
+        if align:
+            loss = torch.stack(new_state.align_losses).mean()
+            new_state.align_losses = []
+        elif targets is not None:
+            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        return logits, loss, new_state
+
+    # --- a hybrid directory: the teacher's config.json, hybrid.json (which layers are RWKV), model.safetensors ---
+
+    def save_pretrained(self, out_dir):
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        self.hf.config.save_pretrained(out_dir)
+        meta = dict(rwkv_layers=self.rwkv_layers, head_size=self.rwkv_config.head_size,
+                    dim_w=self.rwkv_config.dim_w, dim_a=self.rwkv_config.dim_a, dim_v=self.rwkv_config.dim_v,
+                    dim_g=self.rwkv_config.dim_g, format="nano-rwkv7 hybrid v1")
+        with open(os.path.join(out_dir, "hybrid.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.hf.state_dict().items() if ".teacher_attn." not in k}
+        if self.hf.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)  # the same tensor as the embedding
+        tmp = os.path.join(out_dir, "model.safetensors.tmp")
+        save_file(sd, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, wkv_impl="auto"):
+        """Load a directory written by save_pretrained."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForCausalLM
+        if not os.path.isfile(os.path.join(path, "hybrid.json")):
+            raise ValueError(f"{path} is not a hybrid directory (no hybrid.json)")
+        with open(os.path.join(path, "hybrid.json")) as f:
+            meta = json.load(f)
+        config = AutoConfig.from_pretrained(path)
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)  # random weights, replaced below
+        model = cls(hf, meta["rwkv_layers"], init_from_teacher=False, wkv_impl=wkv_impl)
+        sd = load_file(os.path.join(path, "model.safetensors"))
+        if config.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        missing, unexpected = model.hf.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match the hybrid layout (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        return model
+
+
+@torch.no_grad()
+def copy_attention_into(student, attn):
+    """Teacher q/k/v/o (and biases) -> student receptance/key/value/output."""
+    N = student.head_size
+    n_rep = student.n_head // (attn.k_proj.weight.shape[0] // N)
+
+    def repeat_heads(t):  # [n_kv * N, ...] -> [n_kv * n_rep * N, ...], kv head j serves query heads j*n_rep ...
+        return t.reshape(-1, N, *t.shape[1:]).repeat_interleave(n_rep, dim=0).reshape(-1, *t.shape[1:])
+
+    student.receptance.weight.copy_(attn.q_proj.weight)
+    student.key.weight.copy_(repeat_heads(attn.k_proj.weight))
+    student.value.weight.copy_(repeat_heads(attn.v_proj.weight))
+    student.output.weight.copy_(attn.o_proj.weight)
+    if student.receptance.bias is not None:
+        student.receptance.bias.copy_(attn.q_proj.bias)
+        student.key.bias.copy_(repeat_heads(attn.k_proj.bias))
+        student.value.bias.copy_(repeat_heads(attn.v_proj.bias))
