@@ -539,7 +539,7 @@ class RWKV(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 5. L2Wrap (reference §3.5): the loss value is unchanged; backward adds, for every token, a push of
+# 5. Losses. L2Wrap (reference §3.5): the loss value is unchanged; backward adds, for every token, a push of
 # 1e-4 / (B*T) * max_logit on the largest logit, which keeps logits from drifting upwards.
 
 
@@ -556,6 +556,32 @@ class L2Wrap(torch.autograd.Function):
         max_logit, ids = logits.max(dim=-1, keepdim=True)
         grad = torch.zeros_like(logits).scatter_(-1, ids, max_logit * factor)
         return grad_output, grad * grad_output
+
+
+def teacher_targets(teacher_logits, k, temperature):
+    """What a teacher sends: log-probabilities at temperature, full (B, T, V), or the top-k (values, indices)."""
+    logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return logp if k == 0 else logp.topk(min(k, logp.shape[-1]), dim=-1)
+
+
+def kl_loss(student_logits, target, mask, temperature):
+    """Forward KL(teacher || student) per token, masked mean, times temperature^2 (Hinton's scaling).
+    target: teacher log-probs (B, T, V), or top-k (values, indices); then the teacher's remaining mass is one more
+    'token' compared with the student's mass outside the top-k."""
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if isinstance(target, torch.Tensor):
+        kl = (target.exp() * (target - logq)).sum(-1)
+    else:
+        logp_k, idx = target
+        logq_k = logq.gather(-1, idx)
+        kl = (logp_k.exp() * (logp_k - logq_k)).sum(-1)
+        rest_p = (1 - logp_k.exp().sum(-1)).clamp_min(0)
+        rest_logq = logq.scatter(-1, idx, float("-inf")).logsumexp(-1)
+        # when the top-k covers the whole vocabulary there is no rest: rest_p is rounding error only
+        rest = torch.xlogy(rest_p, rest_p) - rest_p * rest_logq
+        kl = kl + torch.where(torch.isfinite(rest_logq), rest, torch.zeros_like(rest))
+    mask = mask.float()
+    return (kl * mask).sum() / mask.sum().clamp_min(1) * temperature ** 2
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""train_distill.py and its pieces: chat masks, the KL loss, stage 1 on the real SmolLM2, stages 2-3, teacher ranks."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data.chat import load_tokenizer, render_chat
+from model import kl_loss, teacher_targets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GGUF = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run(args, nproc=0, timeout=900):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc
+           else [sys.executable]) + ["train_distill.py", "--device=cpu", "--progress_bar=False"] + args
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1" if nproc else os.environ.get("OMP_NUM_THREADS", "2")})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def values(log, kind, key):
+    """Numbers logged as '<key> <value>' on 'step ... | val ...' (kind='val') or training lines (kind='train')."""
+    lines = [line for line in log.splitlines() if line.startswith("step ") and (" | val " in line) == (kind == "val")]
+    return [float(re.search(rf"\b{key} ([-\d.e]+)", line).group(1)) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(data_dir):
+    return load_tokenizer(os.path.join(data_dir, GGUF))
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(smol_tokenizer, tmp_path_factory):
+    """A small random Llama with SmolLM2's vocabulary and chat template (a large init makes its logits peaked)."""
+    import transformers
+    torch.manual_seed(0)
+    tok = smol_tokenizer
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                                   initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny_teacher")
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def chat_data(data_dir, tmp_path_factory):
+    with open(os.path.join(data_dir, "alpaca", "alpaca_5000.json")) as f:
+        records = json.load(f)[:400]
+    path = tmp_path_factory.mktemp("data") / "alpaca400.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_assistant_only_mask(smol_tokenizer):
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."},
+                {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6, of course."}]
+    ids, mask = render_chat(messages, smol_tokenizer)
+    assert ids == smol_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    spans, current = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            current.append(t)
+        elif current:
+            spans.append(current)
+            current = []
+    if current:
+        spans.append(current)
+    assert [smol_tokenizer.decode(s) for s in spans] == ["It is 4.<|im_end|>\n", "6, of course.<|im_end|>\n"]
+
+
+def test_topk_kl():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 100, generator=g) * 3, torch.randn(2, 5, 100, generator=g) * 3
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    for temperature in (1.0, 2.0):
+        full = kl_loss(student, teacher_targets(teacher, 0, temperature), mask, temperature)
+        p = torch.softmax(teacher / temperature, -1)
+        direct = (p * (p.log() - torch.log_softmax(student / temperature, -1))).sum(-1)[mask].mean() * temperature ** 2
+        assert torch.allclose(full, direct, rtol=1e-5)
+        every = kl_loss(student, teacher_targets(teacher, 100, temperature), mask, temperature)
+        assert torch.allclose(every, full, rtol=1e-5)  # top-k with k = vocab is the full KL
+        top10 = kl_loss(student, teacher_targets(teacher, 10, temperature), mask, temperature)
+        assert 0 < top10 < full  # merging the tail into one bucket can only lower the KL
+    assert kl_loss(teacher, teacher_targets(teacher, 10, 1.0), mask, 1.0).abs() < 1e-5
+
+
+def test_stage1_smollm2_two_layers(data_dir, chat_data, tmp_path):
+    """The real teacher, two attention layers replaced: the alignment loss halves within 50 steps."""
+    log = run([f"--base={os.path.join(data_dir, GGUF)}", "--rwkv_layers=[5, 20]", f"--data={chat_data}",
+               f"--out_dir={tmp_path}", "--ctx_len=128", "--batch_size=4", "--max_steps=50", "--warmup_steps=5",
+               "--learning_rate=2e-3", "--lr_final=2e-4", "--eval_interval=1000", "--eval_batches=4",
+               "--log_interval=10"])
+    val = values(log, "val", "align")
+    assert len(val) == 2 and val[1] <= 0.5 * val[0], log
+    assert os.path.isfile(tmp_path / "hybrid" / "model.safetensors") and os.path.isfile(tmp_path / "ckpt.pt")
+
+
+def test_stages_2_and_3(tiny_teacher, chat_data, tmp_path):
+    common = [f"--data={chat_data}", "--ctx_len=64", "--batch_size=4", "--eval_batches=4", "--log_interval=5",
+              "--warmup_steps=2"]
+    run([f"--base={tiny_teacher}", f"--out_dir={tmp_path}/s1", "--max_steps=10", "--eval_interval=1000"] + common)
+    log = run([f"--base={tiny_teacher}", "--stage=2", f"--init_from={tmp_path}/s1/hybrid", f"--out_dir={tmp_path}/s2",
+               "--max_steps=30", "--learning_rate=3e-3", "--eval_interval=1000", "--topk=64"] + common)
+    kl = values(log, "val", "kl")
+    assert kl[1] < 0.8 * kl[0], log
+    log = run(["--stage=3", f"--init_from={tmp_path}/s2/hybrid", f"--out_dir={tmp_path}/s3", "--max_steps=15",
+               "--learning_rate=3e-3", "--eval_interval=1000"] + common)
+    ce = values(log, "val", "ce")
+    assert ce[1] < ce[0], log
+
+
+def test_teacher_rank_equals_in_process_teacher(tiny_teacher, chat_data, tmp_path):
+    """torchrun with two trainer ranks and one teacher rank gives the losses of one process with the same batch."""
+    common = [f"--base={tiny_teacher}", "--stage=2", f"--data={chat_data}", "--ctx_len=64", "--max_steps=5",
+              "--warmup_steps=2", "--learning_rate=3e-3", "--eval_interval=1000", "--eval_batches=2",
+              "--log_interval=1", "--topk=32"]
+    single = run(common + ["--batch_size=4", f"--out_dir={tmp_path}/one"])
+    ranked = run(common + ["--batch_size=2", "--teacher_ranks=1", f"--out_dir={tmp_path}/ranks"], nproc=3)
+    a, b = values(single, "train", "kl"), values(ranked, "train", "kl")
+    assert len(a) == len(b) == 5 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (a, b)

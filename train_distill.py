@@ -1,0 +1,423 @@
+"""
+Distil a pretrained transformer (Llama, Qwen2, Qwen3; SmolLM2 is Llama) into a hybrid whose attention layers
+(all, or a chosen subset) are RWKV-7 time-mixers. Three stages, one per run (RADLADS' recipe, arXiv 2505.03005):
+
+  stage 1  align  every RWKV layer runs beside the frozen teacher attention it replaces, on the same input; the
+                  residual stream continues with the teacher's output; loss = per-token L2 distance of the two
+                  outputs (RMS over the width), averaged over tokens and layers; only the RWKV layers train.
+  stage 2  KL     the hybrid against the frozen teacher model's logits: forward KL(teacher || student) at a
+                  temperature (optionally on the teacher's top-k logits plus the remaining mass), + ce_weight * CE.
+  stage 3  SFT    cross-entropy on assistant tokens only, no teacher.
+
+    python train_distill.py config/smollm2_135m.py                                  # stage 1
+    python train_distill.py config/smollm2_135m.py --stage=2 --init_from=out-smollm2/stage1/hybrid
+    torchrun --standalone --nproc_per_node=8 train_distill.py config/qwen_0.5b.py --stage=2 --teacher_ranks=2
+
+The teacher runs in this process, or on `teacher_ranks` extra ranks of the same torchrun job: each serves a group
+of trainer ranks through torch.distributed (NCCL on GPU, gloo on CPU), batching their inputs into one forward and
+sending back logits (full, or top-k). Output: out_dir/hybrid (a directory model.Hybrid.from_pretrained and
+sample.py load) and out_dir/ckpt.pt (optimizer, step, RNG: exact resume with init_from='resume').
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from configurator import check, configure, exit_on_config_error
+from data.chat import load_examples, load_tokenizer, pack
+from model import Hybrid, kl_loss, load_hf_model, teacher_targets
+
+# -----------------------------------------------------------------------------
+# defaults (override with a config file and --key=value)
+# I/O
+out_dir = "out-distill"
+init_from = "teacher"  # 'teacher' (build the hybrid from `base`), a hybrid directory from an earlier stage, 'resume'
+base = ""  # the transformer to convert: hub id, local directory, or a .gguf file
+teacher = ""  # stage-2 teacher (any model sharing base's tokenizer); '' = base
+rwkv_layers = "all"  # which layers become RWKV: 'all', a list of indices, or a slice string like '0:30:2'
+stage = 1  # 1 align, 2 KL, 3 SFT
+trainable = ""  # 'student', 'all' or 'all_but_mlp'; '' = student in stage 1, all in stages 2 and 3
+untie_embeddings = True  # stages 2-3: give the head its own copy of a tied embedding (RADLADS)
+# losses
+kl_temperature = 1.0
+kl_weight = 1.0
+ce_weight = 0.0  # stage 2: add the student's cross-entropy on the labels
+topk = 0  # stage 2: KL on the teacher's top-k logits plus the remaining mass (0 = full vocabulary)
+# where the teacher runs
+teacher_ranks = 0  # 0 = in this process; N = the last N ranks of the torchrun job serve the teacher
+teacher_timeout = 600  # seconds a trainer waits for its teacher rank before giving up
+# data
+data = ""  # .jsonl (chat 'messages', 'text', or GSM8K/Alpaca fields), .json list, .txt
+val_data = ""  # '' = hold out val_fraction of `data`
+val_fraction = 0.05
+ctx_len = 512
+batch_size = 8  # sequences per trainer rank per micro-step
+grad_accum = 1
+# optimizer and schedule
+max_steps = 1000
+learning_rate = 1e-3
+lr_final = 1e-5  # cosine from learning_rate to lr_final over max_steps; lr_final = learning_rate for a flat lr
+warmup_steps = 10  # lr grows as 0.01 -> 1 over these steps
+weight_decay = 0.0
+beta1, beta2, adam_eps = 0.9, 0.95, 1e-8
+grad_clip = 1.0
+# logging, eval, saving
+log_interval = 10
+eval_interval = 200
+eval_batches = 8
+save_interval = 500
+wandb_log = False
+wandb_project = "nano-rwkv7-distill"
+wandb_run_name = ""
+progress_bar = True
+# system
+device = "auto"  # 'auto', 'cpu', 'cuda'
+dtype = "auto"  # 'auto' = bf16 on CUDA, fp32 on CPU
+compile = False
+grad_checkpointing = False
+seed = 1337
+# -----------------------------------------------------------------------------
+with exit_on_config_error():
+    config = configure(globals(), sys.argv[1:])
+    check(stage in (1, 2, 3), f"stage must be 1, 2 or 3, got {stage}")
+    check(init_from != "teacher" or base, "init_from='teacher' needs base= (hub id, directory or .gguf file)")
+    check(stage != 1 or init_from in ("teacher", "resume"), "stage 1 starts from the teacher (init_from='teacher')")
+    check(data and (os.path.exists(data)), f"data file not found: {data!r} (set data=path/to/file.jsonl)")
+    check(warmup_steps < max_steps, f"warmup_steps ({warmup_steps}) must be smaller than max_steps ({max_steps})")
+    check(topk >= 0 and teacher_ranks >= 0 and ctx_len > 0 and batch_size > 0, "topk, teacher_ranks, ctx_len and "
+          "batch_size must be positive")
+    check(teacher_ranks == 0 or stage == 2, "teacher_ranks serve the stage-2 teacher; use 0 in stages 1 and 3")
+trainable = trainable or ("student" if stage == 1 else "all")
+
+# --- distributed setup: trainer ranks first, then teacher ranks ---------------------------------------------
+distributed = "RANK" in os.environ
+use_cuda = torch.cuda.is_available() and device != "cpu"
+if distributed:
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=teacher_timeout))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ["LOCAL_RANK"])
+else:
+    rank, world, local_rank = 0, 1, 0
+n_trainers = world - teacher_ranks
+with exit_on_config_error():
+    check(n_trainers >= 1, f"teacher_ranks={teacher_ranks} leaves no trainer rank out of {world}")
+is_teacher_rank = rank >= n_trainers
+master = rank == 0
+device = f"cuda:{local_rank}" if use_cuda else "cpu"
+if use_cuda:
+    torch.cuda.set_device(device)
+ptdtype = {"auto": torch.bfloat16 if use_cuda else torch.float32, "bf16": torch.bfloat16,
+           "fp32": torch.float32}[dtype]
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and ptdtype == torch.bfloat16 else nullcontext()
+trainer_group = dist.new_group(list(range(n_trainers))) if distributed else None
+torch.manual_seed(seed + rank)
+
+
+def print0(*args, **kwargs):
+    if master:
+        print(*args, **kwargs, flush=True)
+
+
+# --- the teacher: in this process, or on teacher ranks --------------------------------------------------------
+
+
+def serve_teacher(model, trainers):
+    """Teacher-rank loop: gather input ids from our trainers, one batched forward, send back targets. A header
+    (B, T, go) precedes each request; go = 0 means that trainer is done."""
+    active = list(trainers)
+    while active:
+        requests = []
+        for r in list(active):
+            header = torch.zeros(3, dtype=torch.int64)
+            dist.recv(header, src=r)
+            if header[2] == 0:
+                active.remove(r)
+                continue
+            ids = torch.zeros(int(header[0]), int(header[1]), dtype=torch.int64)
+            dist.recv(ids, src=r)
+            requests.append((r, ids))
+        if not requests:
+            break
+        with torch.no_grad(), autocast:
+            logits = model(torch.cat([ids for _, ids in requests]).to(device)).logits
+        target = teacher_targets(logits, topk, kl_temperature)
+        row = 0
+        for r, ids in requests:
+            part = slice(row, row + ids.shape[0])
+            row += ids.shape[0]
+            if topk:
+                dist.send(target[0][part].cpu().contiguous(), dst=r)
+                dist.send(target[1][part].cpu().contiguous(), dst=r)
+            else:
+                dist.send(target[part].to(torch.bfloat16 if use_cuda else torch.float32).cpu().contiguous(), dst=r)
+
+
+def ask_teacher(ids):
+    """Trainer side of serve_teacher. Raises a clear error if the teacher rank died or timed out."""
+    src = n_trainers + rank % teacher_ranks
+    try:
+        dist.send(torch.tensor([ids.shape[0], ids.shape[1], 1]), dst=src)
+        dist.send(ids.cpu().contiguous(), dst=src)
+        if topk:
+            k = min(topk, vocab_size)
+            values, idx = torch.zeros(*ids.shape, k), torch.zeros(*ids.shape, k, dtype=torch.int64)
+            dist.recv(values, src=src)
+            dist.recv(idx, src=src)
+            return values.to(device), idx.to(device)
+        out = torch.zeros(*ids.shape, vocab_size, dtype=torch.bfloat16 if use_cuda else torch.float32)
+        dist.recv(out, src=src)
+        return out.to(device).float()
+    except RuntimeError as e:
+        raise SystemExit(f"error: teacher rank {src} failed or timed out after {teacher_timeout}s ({e}); "
+                         f"the last checkpoint in {out_dir} is intact") from None
+
+
+if is_teacher_rank:
+    teacher_model = load_hf_model(teacher or base, dtype=ptdtype).to(device).eval().requires_grad_(False)
+    serve_teacher(teacher_model, [r for r in range(n_trainers) if n_trainers + r % teacher_ranks == rank])
+    dist.destroy_process_group()
+    sys.exit(0)
+
+# --- trainer ranks: data ---------------------------------------------------------------------------------------
+tok = load_tokenizer(base or init_from)  # a hybrid directory carries the tokenizer it was distilled with
+examples = load_examples(data, tok)
+if val_data:
+    train_x, train_y = pack(examples, ctx_len)
+    val_x, val_y = pack(load_examples(val_data, tok), ctx_len)
+else:  # hold out whole examples, shuffled with a fixed seed
+    order = np.random.default_rng(0).permutation(len(examples))
+    n_val = max(1, int(len(examples) * val_fraction))
+    val_x, val_y = pack([examples[i] for i in order[:n_val]], ctx_len)
+    train_x, train_y = pack([examples[i] for i in order[n_val:]], ctx_len)
+global_batch = batch_size * n_trainers
+print0(f"data: {train_x.shape[0]} train rows, {val_x.shape[0]} val rows of {ctx_len} tokens; "
+       f"{int((train_y >= 0).sum())} trained tokens; {global_batch * grad_accum * ctx_len} tokens per step")
+
+
+def get_batch(step, micro, split="train"):
+    """Rows for this rank, a deterministic function of (step, micro): resuming at a step replays the same data."""
+    x, y = (train_x, train_y) if split == "train" else (val_x, val_y)
+    per_epoch = max(1, x.shape[0] // global_batch)
+    draw = step * grad_accum + micro
+    epoch, i = divmod(draw, per_epoch)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
+    rows = perm[(i * global_batch + rank * batch_size + torch.arange(batch_size)) % x.shape[0]]
+    return x[rows].to(device), y[rows].to(device)
+
+
+# --- model -----------------------------------------------------------------------------------------------------
+ckpt = None
+if init_from == "resume":
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
+    init_from = ckpt["config"]["init_from"]
+if init_from == "teacher":
+    model = Hybrid(load_hf_model(base, dtype=torch.float32), rwkv_layers, keep_teacher_attention=stage == 1)
+else:
+    model = Hybrid.from_pretrained(init_from)
+if stage > 1:
+    model.drop_teacher_attention()
+    if untie_embeddings:
+        model.untie_embeddings()
+if ckpt is not None:
+    model.load_state_dict(ckpt["model"])
+model.set_trainable(trainable)
+model.to(device)
+if grad_checkpointing:
+    model.hf.gradient_checkpointing_enable()
+vocab_size = model.config.vocab_size
+n_train_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+print0(f"hybrid: {len(model.rwkv_layers)} of {len(model.hf.model.layers)} layers RWKV, stage {stage}, "
+       f"training '{trainable}': {n_train_params / 1e6:.2f}M parameters")
+
+teacher_model = None
+if stage == 2 and teacher_ranks == 0:
+    teacher_model = load_hf_model(teacher or base, dtype=ptdtype).to(device).eval().requires_grad_(False)
+    if teacher_model.config.vocab_size != vocab_size:
+        raise SystemExit(f"error: the teacher's vocabulary ({teacher_model.config.vocab_size}) differs from the "
+                         f"student's ({vocab_size}); use a teacher with the same tokenizer")
+
+raw_model = model
+if distributed:
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None,
+                                                      process_group=trainer_group)
+if compile:
+    model = torch.compile(model)
+
+params = [p for p in raw_model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), eps=adam_eps,
+                              weight_decay=weight_decay, fused=use_cuda)
+step = 0
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt["optimizer"])
+    step = ckpt["step"]
+    torch.set_rng_state(ckpt["rng"])
+
+
+def lr_at(step):
+    warm = 0.01 + 0.99 * step / warmup_steps if step < warmup_steps else 1.0
+    progress = min(1.0, step / max_steps)
+    return warm * (lr_final + 0.5 * (learning_rate - lr_final) * (1 + math.cos(math.pi * progress)))
+
+
+def compute_loss(x, y, teacher_target=None):
+    """The stage's loss and the terms to log."""
+    with autocast:
+        if stage == 1:
+            _, loss, _ = model(x, align=True)
+            return loss, {"align": loss.item()}
+        logits, ce, _ = model(x, y)
+    if stage == 3:
+        return ce, {"ce": ce.item()}
+    if teacher_target is None:
+        with torch.no_grad(), autocast:
+            teacher_target = teacher_targets(teacher_model(x).logits, topk, kl_temperature)
+    kl = kl_loss(logits, teacher_target, y >= 0, kl_temperature)
+    return kl_weight * kl + ce_weight * ce, {"kl": kl.item(), "ce": ce.item()}
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean stage loss on validation rows, the student's CE, and (with a teacher here) the teacher's CE and the
+    top-1 agreement of student and teacher on trained tokens."""
+    model.eval()
+    sums = {}
+    for i in range(eval_batches):
+        x, y = get_batch(i, 0, "val")
+        loss, terms = compute_loss(x, y, ask_teacher(x) if stage == 2 and teacher_ranks else None)
+        terms["loss"] = loss.item()
+        if stage == 2 and teacher_model is not None:
+            with autocast:
+                s_logits, t_logits = raw_model(x)[0], teacher_model(x).logits
+            valid = y >= 0
+            terms["teacher_ce"] = F.cross_entropy(t_logits.float()[valid], y[valid]).item()
+            terms["agreement"] = (s_logits.argmax(-1) == t_logits.argmax(-1))[valid].float().mean().item()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v / eval_batches
+    model.train()
+    if distributed:
+        vals = torch.tensor(list(sums.values()), device=device)
+        dist.all_reduce(vals, group=trainer_group)
+        sums = dict(zip(sums, (vals / n_trainers).tolist()))
+    return sums
+
+
+def save():
+    if not master:
+        return
+    raw_model.save_pretrained(os.path.join(out_dir, "hybrid"))
+    tok.save_pretrained(os.path.join(out_dir, "hybrid"))
+    state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=config,
+                 rng=torch.get_rng_state())
+    torch.save(state, os.path.join(out_dir, "ckpt.pt.tmp"))
+    os.replace(os.path.join(out_dir, "ckpt.pt.tmp"), os.path.join(out_dir, "ckpt.pt"))
+
+
+# --- training loop ---------------------------------------------------------------------------------------------
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True  # finish this step, save, exit
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "log.txt"), "a") as f:
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} torch {torch.__version__} device {device} "
+                f"world {world} ({teacher_ranks} teacher ranks)\n# config {json.dumps(config)}\n")
+run = None
+if wandb_log and master:
+    try:
+        import wandb
+        run = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+    except Exception as e:  # not installed, offline, no key: keep training
+        print0(f"wandb disabled ({type(e).__name__}: {e})")
+bar = None
+if progress_bar and master and sys.stderr.isatty():
+    from tqdm import tqdm
+    bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True)
+
+model.train()
+bad_steps, t0, tokens_seen = 0, time.time(), 0
+while step < max_steps and not stop_requested:
+    if step % eval_interval == 0 or step == max_steps - 1:
+        ev = evaluate()
+        line = f"step {step} | val " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items())
+        print0(line)
+        if master:
+            with open(os.path.join(out_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+        if run:
+            run.log({f"val/{k}": v for k, v in ev.items()}, step=step)
+    lr = lr_at(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    terms_sum = {}
+    for micro in range(grad_accum):
+        x, y = get_batch(step, micro)
+        target = ask_teacher(x) if stage == 2 and teacher_ranks else None
+        if distributed:
+            model.require_backward_grad_sync = micro == grad_accum - 1
+        loss, terms = compute_loss(x, y, target)
+        if distributed and stage > 1:  # token-weighted mean over ranks: DDP averages gradients, so weigh by our share
+            n_local = (y >= 0).sum().float()
+            n_total = n_local.clone()
+            dist.all_reduce(n_total, group=trainer_group)
+            share = (n_local * n_trainers / n_total.clamp_min(1)).item()
+            loss, terms = loss * share, {k: v * share for k, v in terms.items()}
+        (loss / grad_accum).backward()
+        for k, v in terms.items():
+            terms_sum[k] = terms_sum.get(k, 0.0) + v / grad_accum
+    if distributed:  # log the mean over trainer ranks
+        vals = torch.tensor(list(terms_sum.values()), device=device)
+        dist.all_reduce(vals, group=trainer_group)
+        terms_sum = dict(zip(terms_sum, (vals / n_trainers).tolist()))
+    if not all(math.isfinite(v) for v in terms_sum.values()):  # never train on NaN/inf: drop this step's gradients; stop if it keeps happening
+        optimizer.zero_grad(set_to_none=True)
+        bad_steps += 1
+        print0(f"step {step}: non-finite loss {terms_sum}, step skipped ({bad_steps} in a row)")
+        if bad_steps >= 5:
+            raise SystemExit(f"error: 5 non-finite losses in a row at step {step}; lower learning_rate "
+                             f"(the last checkpoint in {out_dir} is intact)")
+        step += 1
+        continue
+    bad_steps = 0
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    tokens_seen += global_batch * grad_accum * ctx_len
+    if step % log_interval == 0 or step == max_steps:
+        dt = time.time() - t0
+        line = (f"step {step}/{max_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in terms_sum.items())
+                + f" | lr {lr:.2e} | gnorm {grad_norm.item():.3f} | tok/s {tokens_seen / dt:,.0f}")
+        print0(line)
+        if master:
+            with open(os.path.join(out_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+        if run:
+            run.log({**{f"train/{k}": v for k, v in terms_sum.items()}, "lr": lr, "tok/s": tokens_seen / dt},
+                    step=step)
+    if bar:
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in terms_sum.items()})
+    if step % save_interval == 0:
+        save()
+save()
+if stage == 2 and teacher_ranks:
+    dist.send(torch.tensor([0, 0, 0]), dst=n_trainers + rank % teacher_ranks)  # tell our teacher we are done
+print0(f"{'stopped' if stop_requested else 'done'} at step {step}; saved {out_dir}/hybrid and {out_dir}/ckpt.pt")
+if distributed:
+    dist.destroy_process_group()
