@@ -13,7 +13,7 @@ prompts (--prompts_file) are prefilled one by one, since left padding would leak
 states are stacked into one batch. Row i of the batch draws its random numbers from its own generator seeded
 seed + i, so a row's text does not depend on what else is in the batch.
 """
-import functools, json, math, os, sys, time
+import functools, itertools, json, math, os, sys, time
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from configurator import check, configure, exit_on_config_error
 from data.binidx import load_meta
 from data.tokenizers import get_tokenizer, is_partial
-from model import RWKV
+from model import RWKV, Hybrid, HybridState
 
 # -----------------------------------------------------------------------------
 init_from = ''  # an official-layout .pth (the authors' releases, save_pretrained) or a directory with ckpt.pt
@@ -52,23 +52,22 @@ wkv_impl = 'auto'  # 'auto', 'kernel' or 'torch' (model.RWKVConfig.wkv_impl)
 PREFILL_CHUNK = 4096  # prompt tokens per parallel forward: bounds the activation memory of long prompts
 timing = dict(prefill_tokens=0, prefill_s=0.0, decode_tokens=0, decode_steps=0, decode_s=0.0)
 
-
 def load_model(path, dtype=torch.float32, **overrides):
-    """-> (model, tokenizer spec or None). `path`: a .pth in the official layout, or a directory holding our
-    trainer's ckpt.pt (weights under 'model', the run's settings under 'config'). Hybrids will branch here."""
+    """-> (model, tokenizer spec or None). `path`: a .pth in the official layout, a directory holding our
+    trainer's ckpt.pt (weights under 'model', the run's settings under 'config'), or a hybrid directory."""
+    if os.path.isfile(os.path.join(path, 'hybrid.json')):  # Hybrid.save_pretrained (train_distill.py)
+        has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ('tokenizer.json', 'tokenizer_config.json'))
+        return Hybrid.from_pretrained(path, dtype, **overrides), f'hf:{path}' if has_tok else None
     path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found: init_from is a .pth file or a directory with ckpt.pt")
     if path.endswith('.pth'):
         model = RWKV.from_pretrained(path, dtype, **overrides)
         return model, 'world' if model.config.vocab_size == 65536 else None
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception:  # our trainer's own file may also hold plain Python objects (numpy RNG state, ...)
-        try:
-            ckpt = torch.load(path, map_location='cpu', weights_only=False)
-        except Exception as e:
-            raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
+    try:  # a trainer's own file: it also holds RNG states (numpy arrays), so not weights_only
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
         raise ValueError(f"{path} is not a training checkpoint of this repository (no 'model' state dict)")
     config = RWKV.config_from_state_dict(ckpt['model'], **overrides)
@@ -76,7 +75,6 @@ def load_model(path, dtype=torch.float32, **overrides):
         model = RWKV(config)
     model.load_official_state_dict(ckpt['model'], dtype)
     return model, checkpoint_tokenizer(ckpt)
-
 
 def checkpoint_tokenizer(ckpt):
     """The tokenizer a training checkpoint records: the meta.json of its data_dir, else a 'tokenizer' entry."""
@@ -89,7 +87,6 @@ def checkpoint_tokenizer(ckpt):
             return d['tokenizer']
     return None
 
-
 def encode(tok, text):
     """Token ids, or one clear ValueError naming the first character the tokenizer cannot encode."""
     try:
@@ -99,26 +96,29 @@ def encode(tok, text):
             try:
                 tok.encode(c)
             except Exception:
-                raise ValueError(f"the tokenizer {tok.name} cannot encode the character {c!r} (U+{ord(c):04X})") from None
+                raise ValueError(f"the tokenizer {tok.name} cannot encode the character {c!r} "
+                                 f"(U+{ord(c):04X})") from None
         raise
-
 
 def sync(device):
     if torch.device(device).type == 'cuda':
         torch.cuda.synchronize()
 
-
-# --- state: per layer (att_shift [B, C], wkv [B, H, N, N] fp32, ffn_shift [B, C]) -----------------------------
+# --- state: per layer (att_shift [B, C], wkv [B, H, N, N] fp32, ffn_shift [B, C]); a HybridState for hybrids ----
 
 def expand_state(state, n):
     """Each row repeated n times along the batch, as copies: rows [a, b] -> [a]*n + [b]*n."""
+    if isinstance(state, HybridState):
+        return state.map(lambda t: t.repeat_interleave(n, dim=0))
     return [tuple(t.repeat_interleave(n, dim=0) for t in layer) for layer in state]
-
 
 def cat_states(states):
     """The states of separately prefilled prompts stacked into one batch."""
+    if isinstance(states[0], HybridState):  # attention caches of different lengths do not stack
+        if len(states) > 1:
+            raise ValueError("batched prompts (prompts_file) need an RWKV-only model; a hybrid takes one prompt")
+        return states[0]
     return [tuple(torch.cat(ts) for ts in zip(*layers)) for layers in zip(*states)]
-
 
 @torch.no_grad()
 def prefill(model, ids, state=None):
@@ -131,7 +131,6 @@ def prefill(model, ids, state=None):
     timing['prefill_tokens'] += len(ids)
     timing['prefill_s'] += time.perf_counter() - t0
     return logits, state
-
 
 # --- sampling -------------------------------------------------------------------------------------------------
 
@@ -153,7 +152,6 @@ def sample(logits, gens, temperature=1.0, top_p=1.0, top_k=0):
     u = torch.tensor([torch.rand((), generator=g).item() for g in gens], device=cdf.device)
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=V - 1)[:, 0]
 
-
 def forward_step(model, tokens, state):
     """model(tokens[:, None], state=state) without its token-range check, which reads a GPU value and so cannot
     run inside a CUDA graph. Mirrors RWKV.forward (tests/test_sample.py checks they agree)."""
@@ -163,18 +161,16 @@ def forward_step(model, tokens, state):
         new_state.append(s)
     return model.head(model.ln_out(x))[:, -1].float(), new_state
 
-
 def graphed_step(model, state):
     """The one-token step captured once as a CUDA graph; the state lives in the graph's buffers. At batch 1 a
     step is a few hundred tiny kernels, so launching them one by one from Python is most of its time."""
     tokens = torch.zeros(state[0][0].shape[0], dtype=torch.long, device=state[0][0].device)
     static = [tuple(t.clone() for t in layer) for layer in state]
+    copy_state = lambda dst, src: [a.copy_(b) for d, s in zip(dst, src) for a, b in zip(d, s)]  # noqa: E731
 
     def run():
         logits, new = forward_step(model, tokens, static)
-        for layer, new_layer in zip(static, new):
-            for t, t_new in zip(layer, new_layer):
-                t.copy_(t_new)
+        copy_state(static, new)
         return logits
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -184,16 +180,13 @@ def graphed_step(model, state):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         logits = run()
-    for layer, src in zip(static, state):  # undo the warm-up's step
-        for t, t_src in zip(layer, src):
-            t.copy_(t_src)
+    copy_state(static, state)  # undo the warm-up's step
 
     def step(new_tokens):
         tokens.copy_(new_tokens)
         graph.replay()
         return logits, static
     return step
-
 
 @torch.no_grad()
 def generate(model, logits, state, max_new_tokens, gens, temperature=1.0, top_p=1.0, top_k=0,
@@ -235,7 +228,6 @@ def generate(model, logits, state, max_new_tokens, gens, temperature=1.0, top_p=
     timing['decode_s'] += time.perf_counter() - t0
     return out, [tuple(t.clone() for t in layer) for layer in state] if step else state
 
-
 class Stream:
     """One row's text as it is generated: complete UTF-8 characters only (a token can end inside one), cut
     before the first stop string, and holding back a tail that could be the beginning of a stop string."""
@@ -275,11 +267,9 @@ class Stream:
     def reply(self):
         return self.text[:self.shown]
 
-
 def penalty_weight(tok):
     """The authors' rule: a token decoding to whitespace or digits (' ', '\\t', '0'..'9', '12', ...) adds nothing."""
     return functools.lru_cache(maxsize=None)(lambda t: 0.0 if tok.decode([t]) in ' \t0123456789' else 1.0)
-
 
 def decodable(tok, vocab_size):
     """How many leading ids the tokenizer decodes; the model's extra ids (World's padding 65530..65535, a vocab
@@ -292,7 +282,6 @@ def decodable(tok, vocab_size):
         except Exception:
             n -= 1
     return n
-
 
 # --- LAMBADA ---------------------------------------------------------------------------------------------------
 
@@ -310,33 +299,28 @@ def eval_lambada(model, tok, path, batch_size=32):
                 context, word = json.loads(line)['text'].rsplit(' ', 1)
                 eot = [] if tok.eot_id is None else [tok.eot_id]
                 docs.append((eot + encode(tok, context), encode(tok, ' ' + word)))
-    device = next(model.parameters()).device
+    device, t0 = next(model.parameters()).device, time.perf_counter()
     order = sorted(range(len(docs)), key=lambda i: len(docs[i][0]))
+    batches = [list(g) for _, g in itertools.groupby(order, key=lambda i: len(docs[i][0]))]
     logp, correct = [0.0] * len(docs), [False] * len(docs)
-    i = 0
-    while i < len(order):
-        j = i + 1
-        while j < len(order) and j - i < batch_size and len(docs[order[j]][0]) == len(docs[order[i]][0]):
-            j += 1
-        batch = [docs[k] for k in order[i:j]]
-        src = torch.tensor([s for s, _ in batch], device=device)
+    for ks in (g[b:b + batch_size] for g in batches for b in range(0, len(g), batch_size)):
+        src = torch.tensor([docs[k][0] for k in ks], device=device)
         state = model(src[:, :-1], last_only=True)[2] if src.shape[1] > 1 else None
-        width = max(len(d) for _, d in batch)
-        cont = torch.tensor([[s[-1]] + d[:-1] + [0] * (width - len(d)) for s, d in batch], device=device)
-        lp = F.log_softmax(model(cont, state=state)[0].float(), dim=-1)
-        for r, k in enumerate(order[i:j]):
+        width = max(len(docs[k][1]) for k in ks)
+        cont = [docs[k][0][-1:] + docs[k][1][:-1] + [0] * (width - len(docs[k][1])) for k in ks]
+        lp = F.log_softmax(model(torch.tensor(cont, device=device), state=state)[0].float(), dim=-1)
+        for r, k in enumerate(ks):
             target = torch.tensor(docs[k][1], device=device)
-            logp[k] = lp[r, torch.arange(len(target)), target].sum().item()
+            logp[k] = lp[r, torch.arange(len(target), device=device), target].sum().item()
             correct[k] = bool((lp[r, :len(target)].argmax(dim=-1) == target).all())
-        i = j
+    timing['prefill_tokens'] += sum(len(s) + len(d) - 1 for s, d in docs)
+    timing['prefill_s'] += time.perf_counter() - t0  # (the .item() calls above synchronize)
     return math.exp(-sum(logp) / len(docs)), sum(correct) / len(docs), len(docs)
-
 
 # -----------------------------------------------------------------------------
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
 
 def chat_loop(model, tok, preamble, settings):
     """Multi-turn chat on stdin: "User: <line>\\n\\nAssistant:", each reply ends at "\\n\\n"; /reset, /quit, EOF."""
@@ -392,7 +376,6 @@ if __name__ == '__main__':
         check(not cuda_graph or device.startswith('cuda'), "cuda_graph=True needs a CUDA device")
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     try:
         model, spec = load_model(init_from, ptdtype, wkv_impl=wkv_impl)
@@ -403,6 +386,8 @@ if __name__ == '__main__':
     except ValueError as e:
         fail(e)
     model.eval().to(device)
+    with exit_on_config_error():
+        check(not cuda_graph or isinstance(model, RWKV), "cuda_graph=True is for RWKV models (not hybrids) for now")
     if compile:
         model = torch.compile(model)
     settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
@@ -410,9 +395,8 @@ if __name__ == '__main__':
                     n_valid=decodable(tok, model.config.vocab_size), cuda_graph=cuda_graph)
     try:
         if eval:
-            t0 = time.perf_counter()
             ppl, acc, n = eval_lambada(model, tok, eval_file, eval_batch_size)
-            print(f"lambada: ppl {ppl:.4f} acc {acc:.4f} ({n} docs, {n / (time.perf_counter() - t0):.1f} docs/s)")
+            print(f"lambada: ppl {ppl:.4f} acc {acc:.4f} ({n} docs, {n / timing['prefill_s']:.1f} docs/s)")
         elif chat:
             chat_loop(model, tok, encode(tok, start) if start.strip() else [], settings)
         elif benchmark:

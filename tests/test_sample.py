@@ -7,12 +7,13 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from data.tokenizers import get_tokenizer
-from model import RWKV, RWKVConfig
+from model import RWKV, Hybrid, RWKVConfig
 from sample import (Stream, cat_states, decodable, eval_lambada, expand_state, forward_step, generate, load_model,
                     penalty_weight, prefill, sample)
 
@@ -58,6 +59,17 @@ def world(vocab):
 
 
 @pytest.fixture(scope="module")
+def pipeline():
+    """The `rwkv` package's PIPELINE (its own tokenizer, generate with penalties); tests set .model."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("RWKV_V7_ON", "RWKV_JIT_ON"):
+            mp.setenv(k, "1")  # read when rwkv.model is imported
+        mp.setenv("RWKV_CUDA_ON", "0")
+        from rwkv.utils import PIPELINE
+        yield PIPELINE(None, "rwkv_vocab_v20230424")
+
+
+@pytest.fixture(scope="module")
 def world_model(tmp_path_factory):
     """A small random model with the World vocabulary, as an official-layout .pth."""
     model = random_model(seed=3, n_layer=2, n_embd=64, vocab_size=65536)
@@ -75,7 +87,8 @@ def char_dir(tmp_path_factory):
     (d / "data" / "meta.json").write_text(json.dumps(dict(vocab_size=len(chars), dtype="uint16",
                                                           tokenizer="char:meta.json", eot_id=None, chars=chars)))
     model = random_model(seed=4, n_layer=2, n_embd=64, vocab_size=len(chars))
-    torch.save(dict(model=model.state_dict(), config=dict(data_dir=str(d / "data"), n_layer=2)), d / "ckpt.pt")
+    torch.save(dict(model=model.state_dict(), config=dict(data_dir=str(d / "data"), n_layer=2),
+                    rng=dict(numpy=np.random.get_state())), d / "ckpt.pt")  # like train_pretrain.py's
     return d
 
 
@@ -105,6 +118,17 @@ def test_greedy_recurrent_equals_full_recompute():
     assert full[len(prompt) - 1:-1].argmax(dim=-1).tolist() == tokens
 
 
+def test_prefill_in_pieces(monkeypatch):
+    """A long prompt goes through the parallel form in PREFILL_CHUNK pieces, the state carried between them."""
+    import sample as sample_py
+    model = random_model(seed=1, n_layer=2, n_embd=64, vocab_size=300)
+    prompt = list(range(1, 40))
+    whole_logits, whole_state = prefill(model, prompt)
+    monkeypatch.setattr(sample_py, "PREFILL_CHUNK", 16)
+    logits, state = prefill(model, prompt)
+    assert torch.allclose(logits, whole_logits, atol=1e-5) and torch.allclose(state[1][1], whole_state[1][1], atol=1e-5)
+
+
 def test_greedy_matches_rwkv_package(tmp_path, monkeypatch):
     monkeypatch.setenv("RWKV_V7_ON", "1")
     monkeypatch.setenv("RWKV_JIT_ON", "1")
@@ -129,20 +153,23 @@ def test_greedy_matches_rwkv_package(tmp_path, monkeypatch):
     assert ours == theirs
 
 
-def test_penalties_match_rwkv_pipeline(world_model, world, monkeypatch):
+def record_tokens(pipeline, monkeypatch):
+    """The tokens PIPELINE.generate draws."""
+    tokens, draw = [], pipeline.sample_logits
+    monkeypatch.setattr(pipeline, "sample_logits", lambda *a, **k: tokens.append(draw(*a, **k)) or tokens[-1])
+    return tokens
+
+
+def test_penalties_match_rwkv_pipeline(world_model, world, pipeline, monkeypatch):
     """Greedy with the authors' penalties (0.2, 0.2, decay 0.996, whitespace/digits weight 0) = PIPELINE.generate
     at temperature 0 on the same weights."""
-    monkeypatch.setenv("RWKV_V7_ON", "1")
-    monkeypatch.setenv("RWKV_JIT_ON", "1")
-    monkeypatch.setenv("RWKV_CUDA_ON", "0")
     from rwkv.model import RWKV as ReferenceRWKV
-    from rwkv.utils import PIPELINE, PIPELINE_ARGS
+    from rwkv.utils import PIPELINE_ARGS
 
     model, path = world_model
     ctx = "\nThe quick brown fox, 12 of them"
-    pipeline = PIPELINE(ReferenceRWKV(path[:-4], "cpu fp32"), "rwkv_vocab_v20230424")
-    theirs, draw = [], pipeline.sample_logits
-    pipeline.sample_logits = lambda *a, **k: theirs.append(draw(*a, **k)) or theirs[-1]  # record the tokens
+    monkeypatch.setattr(pipeline, "model", ReferenceRWKV(path[:-4], "cpu fp32"))
+    theirs = record_tokens(pipeline, monkeypatch)
     pipeline.generate(ctx, token_count=40, args=PIPELINE_ARGS(temperature=0, alpha_presence=0.2, alpha_frequency=0.2,
                                                                alpha_decay=0.996))
     logits, state = prefill(model, world.encode(ctx))
@@ -151,6 +178,41 @@ def test_penalties_match_rwkv_pipeline(world_model, world, monkeypatch):
     plain = generate(model, logits, state, 40, [torch.Generator()], temperature=0)[0][0]
     assert ours == theirs
     assert ours != plain  # the penalties changed the text
+
+
+class Constant(torch.nn.Module):
+    """A stand-in model with the same logits at every position: the sequence depends on the penalties alone."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self, idx, targets=None, state=None, last_only=False):
+        return self.logits.expand(idx.shape[0], 1 if last_only else idx.shape[1], -1), None, state
+
+
+def test_penalty_rule_matches_rwkv_pipeline(world, pipeline, monkeypatch):
+    """100 greedy steps over 45 near-tied tokens (whitespace and digit ones among them) with strong penalties:
+    every detail of the rule (what counts, when counts decay) decides which token comes next."""
+    from rwkv.utils import PIPELINE_ARGS
+
+    logits = torch.full((65536,), -30.0)
+    cand = [33, 10, 56, 632, 264] + list(range(1000, 1040))  # ' ', '\t', '7', '12', ' \t', then ordinary tokens
+    logits[cand] = torch.randn(len(cand), generator=torch.Generator().manual_seed(0)) * 0.3
+    logits[cand[:5]] = torch.tensor([0.3, 0.25, 0.2, 0.15, 0.1])  # high enough to come; their counts never grow
+
+    class Fake:  # what PIPELINE needs of a model
+        def forward(self, tokens, state):
+            return logits.clone(), state
+    monkeypatch.setattr(pipeline, "model", Fake())
+    theirs = record_tokens(pipeline, monkeypatch)
+    pipeline.generate("x", token_count=100, args=PIPELINE_ARGS(temperature=0, alpha_presence=0.3, alpha_frequency=0.5,
+                                                               alpha_decay=0.95))
+    ours = generate(Constant(logits), logits[None].clone(), None, 100, [torch.Generator()], temperature=0,
+                    presence_penalty=0.3, frequency_penalty=0.5, penalty_decay=0.95,
+                    token_weight=penalty_weight(world))[0][0]
+    assert ours == theirs
+    assert {33, 10, 56, 632, 264} <= set(ours) and len(set(ours)) > 20
 
 
 def test_penalty_weight(world):
@@ -201,6 +263,32 @@ def test_sampler_filters():
         assert set(sample(logits, gens, top_k=2).tolist()) <= {1, 2, 3}
     draws = torch.stack([sample(logits, gens) for _ in range(400)])
     assert set(draws[:, 0].tolist()) == {0, 1, 2, 3}  # top_p=1: every token can come
+
+
+def test_hybrid_directory(tmp_path):
+    """A hybrid (attention in layers 0 and 2, RWKV in 1 and 3) loads through the same entry point and decodes
+    recurrently (its state has a KV cache) like the full recompute; samples come from its expanded state."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                   initializer_range=0.2)
+    Hybrid(transformers.AutoModelForCausalLM.from_config(cfg), [1, 3]).save_pretrained(tmp_path)
+    model, spec = load_model(str(tmp_path))
+    assert isinstance(model, Hybrid) and spec is None  # no tokenizer files in the directory
+    model.eval()
+    prompt = list(range(20, 40))
+    logits, state = prefill(model, prompt)
+    tokens = generate(model, logits, state, 24, [torch.Generator()], temperature=0)[0][0]
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + tokens]))[0][0]
+    assert len(set(tokens)) > 3 and full[len(prompt) - 1:-1].argmax(dim=-1).tolist() == tokens
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    batch = generate(model, logits.expand(3, -1), expand_state(state, 3), 12, gens)[0]
+    for i in range(3):
+        assert generate(model, logits, state, 12, [torch.Generator().manual_seed(i)])[0][0] == batch[i]
+    with pytest.raises(ValueError, match="RWKV-only"):
+        cat_states([state, state])
 
 
 # --- streaming text -----------------------------------------------------------------------------------------------
@@ -264,14 +352,15 @@ def test_loading_errors(char_dir, tmp_path):
                          (tmp_path / "run", "not a training checkpoint"), (tmp_path / "nothing", "not found")]:
         with pytest.raises(ValueError, match=re.escape(expect)):
             load_model(str(path))
-    ckpt = torch.load(char_dir / "ckpt.pt", weights_only=True)
+    ckpt = torch.load(char_dir / "ckpt.pt", weights_only=False)
     torch.save(dict(model=ckpt["model"], config={}), tmp_path / "run" / "ckpt.pt")
     model, spec = load_model(str(tmp_path / "run"))  # loads, but does not know its tokenizer
-    assert spec is None and model.config.vocab_size == len(json.loads((char_dir / "data" / "meta.json").read_text())["chars"])
+    chars = json.loads((char_dir / "data" / "meta.json").read_text())["chars"]
+    assert spec is None and model.config.vocab_size == len(chars)
     assert load_model(str(char_dir))[1] == f"char:{char_dir / 'data' / 'meta.json'}"
 
 
-@pytest.mark.parametrize("case", ["not_rwkv7", "unencodable", "empty", "no_tokenizer"])
+@pytest.mark.parametrize("case", ["not_rwkv7", "unencodable", "empty"])
 def test_clear_errors(case, char_dir, tmp_path):
     """On the command line: one line on stderr, exit code 2."""
     if case == "not_rwkv7":
@@ -279,12 +368,8 @@ def test_clear_errors(case, char_dir, tmp_path):
         args, expect = [f"--init_from={tmp_path / 'x.pth'}"], "not an RWKV-7 (x070) checkpoint"
     elif case == "unencodable":
         args, expect = [f"--init_from={char_dir}", "--start=Caf\u00e9"], "cannot encode the character '\u00e9' (U+00E9)"
-    elif case == "empty":
+    else:
         args, expect = [f"--init_from={char_dir}", "--start="], "empty prompt"
-    else:  # a checkpoint that does not record its tokenizer
-        ckpt = torch.load(char_dir / "ckpt.pt", weights_only=True)
-        torch.save(dict(model=ckpt["model"], config={}), tmp_path / "ckpt.pt")
-        args, expect = [f"--init_from={tmp_path}"], "set --tokenizer="
     rc, out, err = run(args)
     assert rc == 2
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
