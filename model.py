@@ -607,13 +607,14 @@ def load_hf_model(spec, dtype=torch.float32):
 
 
 def select_layers(spec, n_layer):
-    """Which layers become RWKV: 'all', 'none', a list of indices, or a Python slice string like '0:30:2'."""
-    if spec == "all":
-        return list(range(n_layer))
-    if spec == "none":
-        return []
+    """Which layers become RWKV: 'all', 'none', a list of indices (or its text, '[0, 5]' or '0,5'), or a Python
+    slice string like '0:30:2'."""
+    if spec in ("all", "none"):
+        return list(range(n_layer)) if spec == "all" else []
+    if isinstance(spec, str) and ":" in spec:
+        return list(range(n_layer))[slice(*[int(x) if x.strip() else None for x in spec.split(":")])]
     if isinstance(spec, str):
-        return list(range(n_layer))[slice(*[int(x) if x else None for x in spec.split(":")])]
+        spec = [x for x in spec.strip("[]() ").split(",") if x.strip()]
     layers = sorted(set(int(i) for i in spec))
     if layers and not (0 <= layers[0] and layers[-1] < n_layer):
         raise ValueError(f"rwkv_layers {layers} out of range for a model with {n_layer} layers")

@@ -111,7 +111,7 @@ def test_stages_2_and_3(tiny_teacher, chat_data, tmp_path):
     log = run([f"--base={tiny_teacher}", "--stage=2", f"--init_from={tmp_path}/s1/hybrid", f"--out_dir={tmp_path}/s2",
                "--max_steps=30", "--learning_rate=3e-3", "--eval_interval=1000", "--topk=64"] + common)
     kl = values(log, "val", "kl")
-    assert kl[1] < 0.8 * kl[0], log
+    assert kl[1] < 0.9 * kl[0], log
     log = run(["--stage=3", f"--init_from={tmp_path}/s2/hybrid", f"--out_dir={tmp_path}/s3", "--max_steps=15",
                "--learning_rate=3e-3", "--eval_interval=1000"] + common)
     ce = values(log, "val", "ce")
