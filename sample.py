@@ -26,7 +26,7 @@ from model import RWKV, Hybrid, HybridState
 # -----------------------------------------------------------------------------
 init_from = ''  # an official-layout .pth (the authors' releases, save_pretrained) or a directory with ckpt.pt
 tokenizer = ''  # '' = the checkpoint's own (World for 65536-token .pth files); or world:vocab.txt, tiktoken:gpt2, ...
-start = "\n"  # the prompt, or FILE:prompt.txt; in chat mode a non-blank start is a preamble kept across /reset
+start = "\n"  # the prompt (\n in it is a newline), or FILE:prompt.txt; in chat mode a non-blank start is a preamble
 prompts_file = ''  # one prompt per line (write \n for a newline inside one): all decoded together as one batch
 num_samples = 1  # samples per prompt
 max_new_tokens = 200  # per sample, and per chat reply
@@ -398,7 +398,7 @@ if __name__ == '__main__':
             ppl, acc, n = eval_lambada(model, tok, eval_file, eval_batch_size)
             print(f"lambada: ppl {ppl:.4f} acc {acc:.4f} ({n} docs, {n / timing['prefill_s']:.1f} docs/s)")
         elif chat:
-            chat_loop(model, tok, encode(tok, start) if start.strip() else [], settings)
+            chat_loop(model, tok, encode(tok, start.replace('\\n', '\n')) if start.strip() else [], settings)
         elif benchmark:
             ids = torch.randint(0, settings['n_valid'], (1024,)).tolist()
             for measured in (False, True):  # a short warm-up, then the timed run
@@ -416,7 +416,7 @@ if __name__ == '__main__':
                 with open(start[5:], encoding='utf-8') as f:
                     prompts = [f.read()]
             else:
-                prompts = [start]
+                prompts = [start.replace('\\n', '\n')]
             if not all(prompts):
                 fail("empty prompt: set --start=text or --start=FILE:prompt.txt")
             prefilled = [prefill(model, encode(tok, p)) for p in prompts]

@@ -73,6 +73,9 @@ def pipeline():
 def world_model(tmp_path_factory):
     """A small random model with the World vocabulary, as an official-layout .pth."""
     model = random_model(seed=3, n_layer=2, n_embd=64, vocab_size=65536)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.att.w0 -= 4  # decay near 1: a long memory, so what came turns before still shows in a reply
     path = tmp_path_factory.mktemp("world") / "model.pth"
     model.save_pretrained(path, dtype=torch.float32)
     return model, str(path)
@@ -312,13 +315,13 @@ def test_stream_utf8_and_stop_strings(world):
 def test_chat_two_turns_and_reset(world_model, vocab):
     _, path = world_model
     rc, out, err = run([f"--init_from={path}", f"--tokenizer=world:{vocab}", "--chat=True", "--temperature=0",
-                        "--max_new_tokens=12"], stdin="Hello, who are you?\nHello, who are you?\n/reset\n"
-                                                         "Hello, who are you?\n")
+                        "--max_new_tokens=16", "--start=System: a preamble kept by /reset.\\n\\n"],
+                       stdin="Hello, who are you?\nHello, who are you?\n/reset\nHello, who are you?\n")
     assert rc == 0, err
     replies = re.findall(r"Assistant:(.*?)\n\nUser: ", out, re.S)
     assert len(replies) == 3, out
     assert out.count("User: Hello, who are you?\nAssistant:") == 3 and "(conversation reset)" in out
-    assert replies[0] == replies[2]  # after /reset the state (and the sampler) is the initial one
+    assert replies[0] == replies[2]  # after /reset the state (the preamble's) and the sampler are the initial ones
     assert replies[1] != replies[0]  # the second turn saw the first one
     assert "throughput:" in out
 
