@@ -388,6 +388,17 @@ class Block(nn.Module):
 # 4. The model
 
 
+def check_ids(idx, vocab_size):
+    """A clear error for token ids outside the vocabulary (on the GPU they would be a device-side assert). Skipped
+    while compiling or capturing a CUDA graph, which cannot read values back."""
+    if torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing()) or not idx.numel():
+        return
+    low, high = idx.min().item(), idx.max().item()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token id {high if high >= vocab_size else low} is outside the model's vocabulary "
+                         f"[0, {vocab_size})")
+
+
 class RWKV(nn.Module):
 
     def __init__(self, config):
@@ -411,9 +422,7 @@ class RWKV(nn.Module):
         state: a list with one (att_shift, wkv, ffn_shift) per layer from a previous call, or None for zeros.
         last_only: compute the head on the last position only (prefill for sampling)."""
         B, T = idx.shape
-        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token id {int(idx.max() if idx.max() >= self.config.vocab_size else idx.min())} "
-                             f"is outside the model's vocabulary [0, {self.config.vocab_size})")
+        check_ids(idx, self.config.vocab_size)
         x = self.emb(idx)
         v_first, new_state = None, []
         for i, block in enumerate(self.blocks):
@@ -734,8 +743,7 @@ class Hybrid(nn.Module):
         """Same contract as RWKV.forward: (logits, loss, new state). With align=True (stage 1, needs the teacher
         attention) the residual stream is the teacher's and `loss` is the mean alignment loss over RWKV layers."""
         B, T = idx.shape
-        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"a token id is outside the model's vocabulary [0, {self.config.vocab_size})")
+        check_ids(idx, self.config.vocab_size)
         inner = self.hf.model
         past = 0 if state is None else state.length
         new_state = HybridState(past + T) if state is None else HybridState(past + T, state.rwkv, state.kv)
