@@ -1,0 +1,437 @@
+"""
+Pretrain RWKV-7 with its authors' recipe, on one process or under torchrun (DDP or FSDP2), GPU or CPU.
+
+    python data/shakespeare_char/prepare.py && python train_pretrain.py config/shakespeare_char.py  # CPU, minutes
+    python train_pretrain.py config/rwkv7_0.1b_minipile.py                                          # 1 GPU
+    torchrun --standalone --nproc_per_node=8 train_pretrain.py config/rwkv7_0.4b_pile.py --parallel=fsdp
+    python train_pretrain.py config/shakespeare_char.py --init_from=resume     # continue after Ctrl+C / exit_step
+
+The recipe is BlinkDL/RWKV-LM's RWKV-v7/train_temp (DeepSpeed + Lightning there, plain torch here; reference notes
+§3): AdamW(0.9, 0.99, eps 1e-18) with weight decay on the large matrices only and 2x lr on att.w0, a cosine over
+tokens from learning_rate to min_lr after a 0.01 -> 1 warm-up, clipping at 1.0, L2Wrap (inside model.py's loss),
+the magic-prime sampler, and train_log.txt with one line per mini-epoch of 40320 samples. Ctrl+C or SIGTERM saves
+out_dir/ckpt.pt at the next step boundary; --init_from=resume then continues exactly (bit for bit on CPU).
+Resume with the same command plus --init_from=resume: the architecture comes from the checkpoint, the rest from
+the command line, as in nanoGPT.
+"""
+import contextlib, datetime, math, os, random, signal, subprocess, sys, time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from tqdm import tqdm
+
+from configurator import ConfigError, check, configure, exit_on_config_error
+from data.binidx import BinIdx, check_magic_prime, load_meta, open_dataset, sample_offset
+from data.binidx import magic_prime as find_magic_prime
+from model import RWKV, RWKVConfig
+
+# -----------------------------------------------------------------------------
+# default config: the authors' L12-D768 MiniPile demo (reference §3.1); config files and --key=value override it
+# I/O
+out_dir = 'out'              # ckpt.pt, rwkv-latest.pth, rwkv-final.pth, log.txt, train_log.txt
+init_from = 'scratch'        # 'scratch' (the authors' init), 'resume' (out_dir/ckpt.pt) or path/to/official.pth
+eval_interval = 1000         # steps between validation + checkpoint (ckpt.pt and rwkv-latest.pth)
+eval_iters = 20              # validation batches per process (the same fixed windows every time)
+log_interval = 10            # steps between log lines
+exit_step = 0                # > 0: save and stop at this step; the schedule still spans max_tokens (jobs, tests)
+epoch_save = 10              # keep rwkv-{mini-epoch}.pth every this many mini-epochs (the authors' epoch_save); 0 = off
+progress_bar = True          # tqdm bar with loss, tokens/s and ETA (rank 0, and only when stderr is a terminal)
+wandb_log = False            # log to wandb, if installed (WANDB_MODE=offline works too)
+wandb_project = 'rwkv7'
+wandb_run_name = 'pretrain'
+# data
+data_dir = 'data/minipile/minipile'  # a dir from data/*/prepare.py (train/val binidx + meta.json), or a bare
+                             # binidx prefix such as the published MiniPile files (train only: no validation)
+ctx_len = 512                # tokens per sample
+batch_size = 16              # samples per micro-batch per process (the authors' micro_bsz)
+gradient_accumulation_steps = 1  # global batch = batch_size * gradient_accumulation_steps * world size
+magic_prime = 0              # sampler: > 0 this prime (§3.6), 0 = the largest that fits the data (random windows
+                             # if none fits), -1 = random windows (small data that is read many times)
+epoch_samples = 40320        # samples per mini-epoch = one train_log.txt line (the authors' 40320)
+# model (with init_from = a .pth or 'resume' the architecture comes from that file instead)
+n_layer = 12
+n_embd = 768
+head_size = 64
+vocab_size = 0               # 0 = the data's (meta.json)
+wkv_impl = 'auto'            # 'auto' (GPU kernel on CUDA, chunked PyTorch elsewhere), 'kernel', 'torch'
+# optimizer and schedule
+learning_rate = 6e-4         # the authors' lr_init
+min_lr = 6e-5                # lr_final, reached at max_tokens
+warmup_iters = 10            # steps of the 0.01 -> 1 warm-up
+max_tokens = 1498226207      # run length in tokens (the authors' my_exit_tokens: all of MiniPile)
+max_iters = 0                # > 0: run length in steps instead (then max_tokens = max_iters * tokens per step)
+weight_decay = 0.001         # on emb, head and the r/k/v/o/ffn matrices only (model.optim_groups)
+beta1 = 0.9
+beta2 = 0.99
+adam_eps = 1e-18
+grad_clip = 1.0              # max global gradient norm; 0 = no clipping
+max_bad_steps = 5            # a non-finite loss or gradient skips its update; this many in a row stop the run
+# system
+device = 'auto'              # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'
+dtype = 'auto'               # 'auto' (bfloat16 autocast on GPU, float32 on CPU), 'bfloat16', 'float32'
+parallel = 'ddp'             # under torchrun: 'ddp', or 'fsdp' (FSDP2: fully_shard each block, then the root)
+grad_checkpointing = False   # recompute each block in backward: much less activation memory, ~30% more time
+compile = False              # torch.compile each block (GPU)
+seed = 1337
+# -----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def usage_errors():
+    """A missing file or a bad checkpoint is a usage error: one line and exit 2, like a config error."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+def open_data(path):
+    """(train, val or None, vocab size or None) for a prepared dataset dir or a bare binidx prefix."""
+    if os.path.isdir(path):
+        return open_dataset(path, 'train'), open_dataset(path, 'val'), load_meta(path)['vocab_size']
+    if os.path.isfile(path + '.idx'):
+        return BinIdx(path), None, None
+    raise FileNotFoundError(f"data_dir {path} is neither a dataset dir nor a binidx prefix (no {path}.idx): "
+                            f"run data/shakespeare_char/prepare.py or data/prepare.py, or fix the path")
+
+world_size = int(os.environ.get('WORLD_SIZE', 1))
+with exit_on_config_error():
+    config = configure(globals(), sys.argv[1:])
+    samples_per_step = batch_size * gradient_accumulation_steps * world_size
+    tokens_per_step = samples_per_step * ctx_len
+    if max_iters > 0:
+        max_tokens = max_iters * tokens_per_step
+    max_iters = -(-max_tokens // tokens_per_step)  # the authors stop at the first step with tokens >= max_tokens
+    check(min(ctx_len, batch_size, gradient_accumulation_steps, eval_interval, log_interval, max_bad_steps) > 0,
+          "ctx_len, batch_size, gradient_accumulation_steps, eval_interval, log_interval, max_bad_steps must be > 0")
+    check(warmup_iters < max_iters, f"warmup_iters ({warmup_iters}) must be < the run's {max_iters} steps")
+    check(0 < min_lr <= learning_rate, f"need 0 < min_lr ({min_lr}) <= learning_rate ({learning_rate})")
+    check(epoch_samples % samples_per_step == 0, f"epoch_samples ({epoch_samples}) must be a multiple of the global "
+          f"batch {samples_per_step} (batch_size * gradient_accumulation_steps * {world_size} processes)")
+    check(parallel in ('ddp', 'fsdp'), f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    check(dtype in ('auto', 'bfloat16', 'float32'), f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    check(device_type == 'cpu' or torch.cuda.is_available(), f"device={device!r} but CUDA is not available")
+    dtype = ('bfloat16' if device_type == 'cuda' else 'float32') if dtype == 'auto' else dtype
+
+    with usage_errors():  # data first, so that a wrong path fails before a big model is built
+        train_ds, val_ds, data_vocab = open_data(data_dir)
+        check(train_ds.num_tokens > ctx_len + 1, f"{data_dir}: {train_ds.num_tokens} train tokens, too few for ctx_len {ctx_len}")
+        check(val_ds is None or val_ds.num_tokens > ctx_len, f"{data_dir}: val split shorter than ctx_len {ctx_len}: lower ctx_len")
+        if magic_prime == 0:
+            try:
+                magic_prime = find_magic_prime(train_ds.num_tokens, ctx_len)
+            except ValueError:
+                magic_prime = -1  # small data: no 3n+2 prime close enough below the window count
+        elif magic_prime > 0:
+            check_magic_prime(magic_prime, train_ds.num_tokens, ctx_len)
+
+        checkpoint = None
+        if init_from == 'resume':
+            ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+            check(os.path.isfile(ckpt_path), f"init_from='resume' but there is no {ckpt_path}")
+            checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)  # ours: holds RNG states
+            old = checkpoint['config']
+            check(old['ctx_len'] == ctx_len and old['samples_per_step'] == samples_per_step,
+                  f"resume needs the checkpoint's ctx_len {old['ctx_len']} and global batch {old['samples_per_step']}"
+                  f" (now {ctx_len}, {samples_per_step}); to change them, start anew from {out_dir}/rwkv-latest.pth")
+            with torch.device('meta'):  # no init: every tensor comes from the checkpoint
+                model = RWKV(RWKVConfig(**{**checkpoint['model_args'], 'wkv_impl': wkv_impl}))
+            model.load_state_dict(checkpoint['model'], assign=True)
+        elif init_from == 'scratch':
+            check(vocab_size or data_vocab, f"{data_dir} has no meta.json: set vocab_size (65536 for RWKV World)")
+            torch.manual_seed(seed)  # the same initial weights on every rank
+            model = RWKV(RWKVConfig(n_layer=n_layer, n_embd=n_embd, head_size=head_size,
+                                    vocab_size=vocab_size or data_vocab, wkv_impl=wkv_impl))
+        else:
+            check(os.path.isfile(init_from), f"init_from={init_from!r}: no such file ('scratch', 'resume' or a .pth)")
+            model = RWKV.from_pretrained(init_from, wkv_impl=wkv_impl)
+    n_layer, n_embd, head_size, vocab_size = (getattr(model.config, k) for k in ('n_layer', 'n_embd', 'head_size', 'vocab_size'))
+    check(data_vocab is None or vocab_size >= data_vocab, f"model vocab_size {vocab_size} < data vocab_size {data_vocab} "
+          f"({data_dir}/meta.json): raise vocab_size or prepare the data with the model's tokenizer")
+config = {k: globals()[k] for k in config} | dict(samples_per_step=samples_per_step, world_size=world_size)
+
+# -----------------------------------------------------------------------------
+# processes and device: nccl on GPUs, gloo on CPU (so `torchrun --nproc_per_node=2` works on a laptop too)
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
+    rank, local_rank = dist.get_rank(), int(os.environ['LOCAL_RANK'])
+    if device_type == 'cuda':
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+else:
+    rank, local_rank = 0, 0
+master = rank == 0
+random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)  # nothing below draws from these; saved anyway
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else contextlib.nullcontext()
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+log_file = open(os.path.join(out_dir, 'log.txt'), 'a') if master else None
+bar = None  # the tqdm bar, once there is one
+
+def print0(line):
+    """Print on rank 0 (through tqdm while a bar is shown) and append to out_dir/log.txt."""
+    if master:
+        tqdm.write(line) if bar is not None and not bar.disable else print(line, flush=True)
+        log_file.write(line + '\n'), log_file.flush()
+
+def git_commit():
+    git = lambda *a: subprocess.run(['git', *a], cwd=os.path.dirname(os.path.abspath(__file__)),  # noqa: E731
+                                    capture_output=True, text=True).stdout.strip()
+    try:
+        return (git('rev-parse', '--short', 'HEAD') or 'unknown') + (' (dirty)' if git('status', '--porcelain') else '')
+    except OSError:
+        return 'unknown (no git)'
+
+# each run's log opens with the command, versions, hardware, commit and the resolved config
+gpu = torch.cuda.get_device_name(device) if device_type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+print0(f"=== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} python {' '.join(sys.argv)}")
+print0(f"torch {torch.__version__}, CUDA {torch.version.cuda or '-'}, HIP {torch.version.hip or '-'}, "
+       f"{world_size} x {gpu}, {parallel if ddp else 'single process'}, {dtype}, git {git_commit()}")
+print0(f"config: {config}")
+n_params = sum(p.numel() for p in model.parameters())
+print0(f"model L{n_layer}-D{n_embd} vocab {vocab_size}: {n_params / 1e6:.2f}M parameters | {tokens_per_step:,} "
+       f"tokens/step, {max_iters:,} steps | sampler: {f'magic prime {magic_prime}' if magic_prime > 0 else 'random windows'}")
+# training FLOPs per token: 6 per weight of every matmul, head included, embedding lookup not; the WKV state
+# update (~36 * L * C * head_size, ~3% at L12-D768) is left out, as attention often is
+flops_per_token = 6 * (n_params - model.emb.weight.numel())
+
+# -----------------------------------------------------------------------------
+# model on the device and wrapped, optimizer, resume state
+model.to(device)
+raw_model = model  # the unwrapped module: eval, state dicts (under FSDP it is the sharded root itself)
+raw_model.grad_checkpointing = grad_checkpointing
+# the authors' parameter groups, by name and before sharding: optim_groups' p.squeeze() fails on a DTensor sharded
+# along a size-1 dim (the [1, 1, C] mixes), and fully_shard keeps the names but replaces the parameters
+names = {p: n for n, p in raw_model.named_parameters()}
+groups = [g | dict(params=[names[p] for p in g['params']]) for g in raw_model.optim_groups(weight_decay)]
+if compile:
+    print0("compiling the blocks (the first steps take a while)")
+    for block in raw_model.blocks:
+        block.compile()  # in place: parameter names get no _orig_mod. prefix
+if ddp and parallel == 'fsdp':
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == 'bfloat16' \
+        else MixedPrecisionPolicy()
+    for block in raw_model.blocks:  # one all-gather per block in forward and in backward
+        fully_shard(block, mp_policy=mp)
+    fully_shard(raw_model, mp_policy=mp)  # the root holds emb, ln_out and head
+elif ddp:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(raw_model, device_ids=[local_rank] if device_type == 'cuda' else None)
+params = dict(raw_model.named_parameters())
+optimizer = torch.optim.AdamW([g | dict(params=[params[n] for n in g['params']]) for g in groups], lr=learning_rate,
+                              betas=(beta1, beta2), eps=adam_eps, fused=device_type == 'cuda')
+
+start_step, best_val_loss, epoch_loss, epoch_steps = 0, float('inf'), 0.0, 0
+if checkpoint is not None:
+    set_optimizer_state_dict(raw_model, optimizer, checkpoint['optimizer'], options=StateDictOptions(full_state_dict=True))
+    start_step, best_val_loss, (epoch_loss, epoch_steps) = checkpoint['step'], checkpoint['best_val_loss'], checkpoint['epoch_loss']
+    rng = checkpoint['rng']
+    torch.set_rng_state(rng['torch']), np.random.set_state(rng['numpy']), random.setstate(rng['python'])
+    if device_type == 'cuda' and rng['cuda'] is not None:
+        torch.cuda.set_rng_state(rng['cuda'])
+    print0(f"resumed from {out_dir}/ckpt.pt at step {start_step}")
+    checkpoint = None  # free the memory
+
+# -----------------------------------------------------------------------------
+# data: every sample is a pure function of a global sample counter, so the step is the position in the data
+
+def sample_start(ii):
+    """Token offset of sample ii: the magic-prime permutation (§3.6), or a random window drawn from (seed, ii)."""
+    if magic_prime > 0:
+        return sample_offset(ii, magic_prime, ctx_len)
+    return int(np.random.default_rng([seed, ii]).integers(train_ds.num_tokens - ctx_len))
+
+def get_batch(ds, starts):
+    xy = torch.from_numpy(np.stack([ds.get(s, ctx_len + 1) for s in starts]).astype(np.int64))
+    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+def train_batch(step, micro):
+    # Micro-batch `micro` of optimizer step `step` on this rank: samples ii = 1 + g, with the global counter
+    # g = ((step * accum + micro) * batch_size + j) * world_size + rank. With accum = 1 this is the authors'
+    # ii = 1 + epoch * 40320 + idx * world_size + rank, and any split of one global batch reads the same samples.
+    first = (step * gradient_accumulation_steps + micro) * batch_size
+    return get_batch(train_ds, [sample_start(1 + (first + j) * world_size + rank) for j in range(batch_size)])
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean validation loss over fixed, evenly spaced windows, shared out over all ranks and averaged."""
+    raw_model.eval()
+    n, span = eval_iters * batch_size * world_size, val_ds.num_tokens - ctx_len - 1
+    losses = torch.zeros(eval_iters, device=device)
+    for i in range(eval_iters):
+        ks = [(i * batch_size + j) * world_size + rank for j in range(batch_size)]
+        x, y = get_batch(val_ds, [k * span // max(n - 1, 1) for k in ks])
+        with ctx:
+            losses[i] = raw_model(x, y)[1]
+    raw_model.train()
+    total = losses.mean()
+    if ddp:
+        dist.all_reduce(total)  # a sum: gloo has no AVG
+    return total.item() / world_size
+
+def get_lr(step):
+    """The authors' schedule (reference §3.3): a cosine from learning_rate to min_lr over TOKENS, starting after the
+    warm-up tokens, times a linear 0.01 -> 1 ramp over the first warmup_iters steps."""
+    tokens, warmup_tokens = step * tokens_per_step, warmup_iters * tokens_per_step
+    progress = min(max((tokens - warmup_tokens) / (max_tokens - warmup_tokens), 0.0), 1.0)
+    f = min_lr / learning_rate
+    lr = learning_rate * ((0.5 + f / 2) + (0.5 - f / 2) * math.cos(math.pi * progress))
+    return lr * (0.01 + 0.99 * step / warmup_iters) if step < warmup_iters else lr
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (every rank must take part)
+
+def save_official(sd, name):
+    """The official .pth layout (bf16, the authors' names): model.save_pretrained on a weightless twin."""
+    with torch.device('meta'):
+        twin = RWKV(raw_model.config)
+    twin.load_state_dict(sd, assign=True)
+    twin.save_pretrained(os.path.join(out_dir, name))
+
+def save_checkpoint(step, final):
+    sd, opt_sd = get_model_state_dict(raw_model, options=FULL), get_optimizer_state_dict(raw_model, optimizer, options=FULL)
+    if master:
+        rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                   cuda=torch.cuda.get_rng_state() if device_type == 'cuda' else None)
+        ckpt = dict(model=sd, optimizer=opt_sd, model_args=asdict(raw_model.config), config=config, step=step,
+                    samples=step * samples_per_step, best_val_loss=best_val_loss, epoch_loss=(epoch_loss, epoch_steps), rng=rng)
+        path = os.path.join(out_dir, 'ckpt.pt')
+        torch.save(ckpt, path + '.tmp')
+        os.replace(path + '.tmp', path)  # a job killed mid-write leaves the previous checkpoint intact
+        save_official(sd, 'rwkv-latest.pth')
+        if final:
+            os.replace(os.path.join(out_dir, 'rwkv-latest.pth'), os.path.join(out_dir, 'rwkv-final.pth'))
+        print0(f"saved {path} at step {step}" + (" and rwkv-final.pth" if final else ""))
+
+def peak_flops():
+    """Dense bf16 peak of this GPU for MFU; None (no MFU shown) for GPUs not in this short table."""
+    name = torch.cuda.get_device_name(device)
+    return next((f for k, f in (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12))
+                 if k in name), None)
+
+stop_signal = None
+def on_signal(signum, frame):  # only set a flag: the loop saves and exits at the next step boundary
+    global stop_signal
+    stop_signal = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL)  # a second Ctrl+C quits at once
+    print0(f"{stop_signal}: saving a checkpoint at the end of this step (send it again to quit without saving)")
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, on_signal)
+
+# -----------------------------------------------------------------------------
+# logging: train_log.txt in the authors' format, wandb, the bar
+steps_per_epoch = epoch_samples // samples_per_step
+peak = peak_flops() if device_type == 'cuda' else None  # no MFU on CPU
+if master:
+    train_log = open(os.path.join(out_dir, 'train_log.txt'), 'a')
+    train_log.write(f"NEW RUN {datetime.datetime.now():%Y-%m-%d-%H-%M-%S}\n{config}\n"), train_log.flush()
+    if wandb_log:
+        try:  # lazily: wandb is optional, and a missing install or login must not stop the run
+            import wandb
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        except Exception as e:
+            print0(f"wandb off ({type(e).__name__}: {e})")
+            wandb_log = False
+    bar = tqdm(total=max_iters, initial=start_step, unit='step', dynamic_ncols=True,
+               disable=not (progress_bar and sys.stderr.isatty()))
+if val_ds is None:
+    print0(f"{data_dir} has no val split: no validation (the authors' recipe has none either)")
+
+# -----------------------------------------------------------------------------
+# training loop: set lr -> evaluate/save/exit -> micro-steps -> clip -> step (skipped if non-finite) -> log
+step, bad_steps, stop, t_start = start_step, 0, False, time.time()
+x, y = train_batch(step, 0)
+while True:
+    last_step = step == max_iters
+    lr = get_lr(step)
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group['lr_scale']  # 2x on att.w0
+    fresh = step == start_step  # nothing new to save yet; a resumed run's first evaluation was done before it
+    if val_ds is not None and (last_step or step % eval_interval == 0) and not (fresh and init_from == 'resume'):
+        val_loss = estimate_loss()
+        best_val_loss = min(best_val_loss, val_loss)
+        print0(f"step {step} | val loss {val_loss:.4f}")
+        if wandb_log:
+            wandb.log({'val/loss': val_loss}, step=step)
+    exiting = last_step or stop or step == exit_step > 0
+    if not fresh and (exiting or step % eval_interval == 0):
+        save_checkpoint(step, final=last_step)
+    if exiting:
+        break
+
+    t0 = time.time()
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(gradient_accumulation_steps):
+        sync = micro == gradient_accumulation_steps - 1  # reduce gradients on the last micro-step only
+        if ddp and parallel == 'ddp':
+            model.require_backward_grad_sync = sync
+        elif ddp:
+            model.set_requires_gradient_sync(sync)
+        with ctx:
+            loss = model(x, y)[1] / gradient_accumulation_steps
+        x, y = train_batch(step + 1, 0) if sync else train_batch(step, micro + 1)  # prefetch while the GPU works
+        loss.backward()
+        loss_sum += loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # a DTensor under FSDP
+    # one small all-reduce and one sync per step (the authors have one too): the mean loss for the logs, the
+    # global norm for the finite check, and whether any rank got a signal, so that all ranks stop together
+    stats = torch.stack([loss_sum.float(), norm.float(), torch.tensor(float(stop_signal is not None), device=device)])
+    if ddp:
+        dist.all_reduce(stats)
+    lossf, normf, stop = (stats / world_size).tolist()
+    if math.isfinite(lossf) and math.isfinite(normf):
+        optimizer.step()
+        bad_steps, epoch_loss, epoch_steps = 0, epoch_loss + lossf, epoch_steps + 1
+    else:  # never train on inf/nan: skip this update (the data moves on with the step)
+        bad_steps += 1
+        print0(f"warning: step {step}: loss {lossf}, grad norm {normf}: update skipped ({bad_steps} in a row)")
+        if bad_steps >= max_bad_steps:
+            print0(f"error: {bad_steps} non-finite steps in a row: lower learning_rate or check the data; "
+                   f"the last checkpoint, if any, is {out_dir}/ckpt.pt")
+            sys.exit(1)
+    optimizer.zero_grad(set_to_none=True)
+    step, stop = step + 1, stop > 0
+    dt = time.time() - t0
+
+    if step % steps_per_epoch == 0:  # end of a mini-epoch: the authors' train_log.txt line (reference §3.7)
+        epoch, mean = step // steps_per_epoch - 1, epoch_loss / max(epoch_steps, 1)
+        if master:
+            train_log.write(f"{epoch} {mean:.6f} {math.exp(mean):.4f} {lr:.8f} {datetime.datetime.now()} "
+                            f"{epoch - start_step // steps_per_epoch}\n"), train_log.flush()
+        if epoch_save and epoch % epoch_save == 0:
+            sd = get_model_state_dict(raw_model, options=FULL)
+            if master:
+                save_official(sd, f"rwkv-{epoch}.pth")
+        epoch_loss, epoch_steps = 0.0, 0
+    if master:
+        tok_s = tokens_per_step / dt
+        if step % log_interval == 0 or step == max_iters:
+            mfu = f" | mfu {100 * flops_per_token * tok_s / world_size / peak:.1f}%" if peak else ""
+            print0(f"step {step}/{max_iters} | loss {lossf:.4f} | lr {lr:.1e} | dt {dt * 1000:.0f}ms | "
+                   f"tok/s {tok_s:,.0f}{mfu}")
+            if wandb_log:
+                wandb.log({'loss': lossf, 'lr': lr, 'tok/s': tok_s, 'grad_norm': normf,
+                           'Gtokens': step * tokens_per_step / 1e9}, step=step)
+        bar.set_postfix_str(f"loss {lossf:.4f}, {tok_s:,.0f} tok/s", refresh=False)
+        bar.update(1)
+
+if master:
+    bar.close()
+    why = 'done' if last_step else ('stopped by a signal' if stop else 'stopped at exit_step') + \
+        '; continue with --init_from=resume'
+    val = f" | best val loss {best_val_loss:.4f}" if val_ds is not None else ""
+    mem = f" | peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device_type == 'cuda' else ""
+    print0(f"{why}: step {step} | {(time.time() - t_start) / 60:.1f} min{val}{mem}")
+if ddp:
+    dist.destroy_process_group()
