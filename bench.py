@@ -3,6 +3,13 @@ Speed of the WKV7 implementations, measured by a script rather than by tests.
 
     python bench.py                 # the GPU table on a CUDA machine, the CPU comparison otherwise
     python bench.py --device=cpu    # chunked PyTorch WKV vs the sequential loop at B=2, T=1024, C=256
+    python bench.py --sweep         # GPU: also time every rows-per-block setting of the kernel (tuning)
+    python bench.py --no-fla        # GPU: skip fla's chunk_rwkv7 even when it is importable
+
+GPU: wkv7.cu at (B, T, C) = (8, 4096, 4096), (16, 512, 768), (1, 16384, 2048), head 64, bf16 in and out, fp32 state:
+a float64 check on a slice of each shape, then forward and forward+backward (ones as dy), median of 20 after 3
+warm-ups timed with CUDA events, and the peak memory of forward+backward (inputs included); fla's chunk_rwkv7 on
+the same inputs in the same run when fla is installed.
 
 Every timing is the median of several runs after a warm-up; results go into the README with device and date.
 """
@@ -13,7 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import wkv7_chunked, wkv7_sequential
+import model
+from model import LOG_DECAY_SCALE, wkv7_chunked, wkv7_kernel, wkv7_sequential
 
 
 def random_inputs(B, T, C, N=64, dtype=torch.float32, device="cpu", seed=0):
@@ -50,10 +58,117 @@ def bench_cpu(B=2, T=1024, C=256):
     print(f"speed-up of the chunked form: {sf / cf:.1f}x forward, {sb / cb:.1f}x forward+backward")
 
 
+# --- GPU: the kernel (and fla) at the issue's shapes ----------------------------------------------------------
+
+GPU_SHAPES = [(8, 4096, 4096), (16, 512, 768), (1, 16384, 2048)]
+TARGET_MS = {(8, 4096, 4096): 11.1, (16, 512, 768): 0.86, (1, 16384, 2048): 11.0}  # fwd+bwd, issue 3
+
+
+def time_gpu(fn, warmup=3, repeats=20):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def fwd_bwd_fns(impl, leaves, dy):
+    def fwd():
+        with torch.no_grad():
+            impl(*leaves)
+
+    def fwd_bwd():
+        for x in leaves:
+            x.grad = None
+        impl(*leaves)[0].backward(dy)
+    return fwd, fwd_bwd
+
+
+def peak_gb(fn):
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def check_slice(B, T, C, impl):
+    """max rel. error of y and of every gradient vs the float64 loop, on B=1, T<=256, 2 heads of the shape."""
+    xs = random_inputs(1, min(T, 256), 128, dtype=torch.bfloat16, device="cuda", seed=1)[:6]
+    leaves = [x.requires_grad_() for x in xs]
+    y = impl(*leaves)[0]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref = [x.detach().double().requires_grad_() for x in xs]
+    y_ref = wkv7_sequential(*ref)[0]
+    y_ref.backward(dy.double())
+    err = lambda a, b: ((a.double() - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    return max([err(y, y_ref)] + [err(a.grad, b.grad) for a, b in zip(leaves, ref)])
+
+
+def fla_impl():
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except Exception:  # not installed (or no Triton)
+        return None
+
+    def run(r, w, k, v, a, b):  # fla takes log decay; scale 1 (RWKV has no 1/sqrt(N)); its layer's training flags
+        w_log = (LOG_DECAY_SCALE * torch.sigmoid(w.float())).to(r.dtype)
+        return chunk_rwkv7(r, w_log, k, v, a, b, scale=1.0, safe_gate=True, lower_bound=LOG_DECAY_SCALE,
+                           chunk_size=64)
+    return run
+
+
+def bench_gpu(sweep=False, use_fla=True):
+    impls = {"wkv7.cu": lambda *x: wkv7_kernel(*x)}
+    fla = fla_impl() if use_fla else None
+    if fla is not None:
+        impls["fla chunk_rwkv7"] = fla
+    print(f"GPU WKV7 on {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, head 64, "
+          f"median of 20 (CUDA events)", flush=True)
+    rows = []
+    for B, T, C in GPU_SHAPES:
+        xs = random_inputs(B, T, C, dtype=torch.bfloat16, device="cuda")[:6]
+        leaves = [x.requires_grad_() for x in xs]
+        dy = torch.ones(B, T, C // 64, 64, device="cuda", dtype=torch.bfloat16)
+        settings = [(name, fn, 0) for name, fn in impls.items()]
+        if sweep:
+            settings += [(f"wkv7.cu rows={n}", impls["wkv7.cu"], n) for n in (16, 32, 64)]
+        for name, fn, rows_per_block in settings:
+            model.WKV7_ROWS_PER_BLOCK = rows_per_block
+            try:
+                err = check_slice(B, T, C, fn)
+                fwd, fwd_bwd = fwd_bwd_fns(fn, leaves, dy)
+                row = ((B, T, C), name, time_gpu(fwd), time_gpu(fwd_bwd), peak_gb(fwd_bwd), err)
+            except Exception as e:  # e.g. an fla version with another signature
+                print(f"  {name} at {(B, T, C)} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            finally:
+                model.WKV7_ROWS_PER_BLOCK = 0
+            print("  " + "  ".join(str(x) for x in row), flush=True)
+            rows.append(row)
+        del xs, leaves, dy
+        torch.cuda.empty_cache()
+    print(f"\n{'shape (B, T, C)':<18}{'implementation':<22}{'fwd ms':>9}{'fwd+bwd ms':>12}{'target':>8}"
+          f"{'peak GB':>9}{'max rel err':>13}")
+    for shape, name, f, fb, mem, err in rows:
+        target = f"{TARGET_MS[shape]:.2f}" if name == "wkv7.cu" else ""
+        print(f"{str(shape):<18}{name:<22}{f:>9.2f}{fb:>12.2f}{target:>8}{mem:>9.2f}{err:>13.1e}")
+
+
 if __name__ == "__main__":
     device = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--device=")), None)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         bench_cpu()
     else:
-        raise SystemExit("the GPU benchmark arrives with the CUDA kernel (wkv7.cu)")
+        bench_gpu(sweep="--sweep" in sys.argv, use_fla="--no-fla" not in sys.argv)

@@ -156,7 +156,7 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len=32):
 # (wkv7_n64, ...), which is also the namespace of its ops: torch.ops.wkv7_n64.forward / backward. WKV7_CFLAGS adds
 # compiler flags (e.g. "-DWKV7_TF32X=3"; such a build gets a name of its own). WKV7_VERBOSE=1 shows the build. If
 # the first call hangs while loading, an interrupted build left a file named 'lock' in that folder: delete it.
-_WKV7_OPS = {}  # head size -> (forward op, backward op)
+_WKV7_OPS = {}  # head size -> (forward op, backward op, chunk length)
 WKV7_ROWS_PER_BLOCK = 0  # state rows per thread block: 16, 32 or 64; 0 = chosen from B*H (tests and bench set it)
 
 
@@ -184,17 +184,18 @@ def _wkv7_build(N):
     ops = getattr(torch.ops, name)
     for op in ("forward", "backward"):  # both ops only write into their (a!) outputs: nothing to compute when faked
         torch.library.register_fake(f"{name}::{op}")(lambda *args: None)
-    return ops.forward.default, ops.backward.default
+    return ops.forward.default, ops.backward.default, ops.chunk_len()
 
 
 class _WKV7Kernel(torch.autograd.Function):
-    """bf16 contiguous (B, T, H, N) inputs, fp32 contiguous state; saves the state at every 16th step for backward."""
+    """bf16 contiguous (B, T, H, N) inputs, fp32 contiguous state; saves the state at each chunk start for backward."""
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0):
         B, T, H, N = r.shape
         y, sT = torch.empty_like(r), torch.empty_like(s0)
-        ckpt = s0.new_empty(B, H, (T + 15) // 16, N, N)
+        L = _WKV7_OPS[N][2]
+        ckpt = s0.new_empty(B, H, (T + L - 1) // L, N, N)
         _WKV7_OPS[N][0](r, w, k, v, a, b, s0, y, sT, ckpt, WKV7_ROWS_PER_BLOCK)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt)
         return y, sT

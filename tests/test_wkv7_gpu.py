@@ -1,0 +1,160 @@
+"""wkv7.cu on a CUDA GPU against a float64 sequential reference (run: pytest -m gpu tests/test_wkv7_gpu.py).
+
+Every output of the kernel ops is filled with NaN before the call, so an element the kernel forgot to write fails the
+test. Errors are max|x - ref| / max|ref|; bf16 outputs carry up to 2^-8 of rounding, hence the bound 4e-3.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from model import wkv7_kernel, wkv7_sequential
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")]
+TOL = 4e-3
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def inputs(B, T, H, N=64, w_range=(-8.0, 8.0), seed=0):
+    """bf16 r, w, k, v, a, b as the model makes them (a = -kk, b = kk * a_gate, kk unit-norm), fp32 state."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    kk = F.normalize(rnd(B, T, H, N), dim=-1)
+    w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand(B, T, H, N, generator=g, device="cuda")
+    xs = [rnd(B, T, H, N), w, rnd(B, T, H, N), rnd(B, T, H, N), -kk, kk * torch.sigmoid(rnd(B, T, H, N))]
+    return [x.bfloat16() for x in xs], rnd(B, H, N, N)
+
+
+def reference(xs, s0, dy, dsT):
+    """y, state_out and the gradients of sum(y*dy) + sum(state_out*dsT), by autograd through the float64 loop."""
+    xr = [x.double().requires_grad_() for x in xs]
+    sr = s0.double().requires_grad_()
+    y, sT = wkv7_sequential(*xr, sr)
+    torch.autograd.backward([y, sT], [dy.double(), dsT.double()])
+    return y, sT, [x.grad for x in xr] + [sr.grad]
+
+
+def ops(N=64):
+    if N not in model._WKV7_OPS:
+        model._WKV7_OPS[N] = model._wkv7_build(N)
+    return model._WKV7_OPS[N]
+
+
+def run_ops(xs, s0, dy, dsT, rows_per_block=0):
+    """The two kernel ops called directly, every output poisoned with NaN first."""
+    B, T, H, N = xs[0].shape
+    nan = lambda *s, dtype=torch.float32: torch.full(s, float("nan"), device="cuda", dtype=dtype)  # noqa: E731
+    fwd, bwd, L = ops(N)
+    y, sT, ckpt = nan(B, T, H, N, dtype=torch.bfloat16), nan(B, H, N, N), nan(B, H, (T + L - 1) // L, N, N)
+    fwd(*xs, s0, y, sT, ckpt, rows_per_block)
+    grads = [nan(B, T, H, N, dtype=torch.bfloat16) for _ in range(6)] + [nan(B, H, N, N)]
+    bwd(*xs, ckpt, dy.bfloat16(), dsT, *grads, rows_per_block)
+    torch.cuda.synchronize()
+    return y, sT, grads
+
+
+def check(B, T, H, with_state=True, w_range=(-8.0, 8.0), rows_per_block=0, seed=0):
+    xs, s0 = inputs(B, T, H, w_range=w_range, seed=seed)
+    if not with_state:
+        s0 = torch.zeros_like(s0)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    dy = torch.randn(B, T, H, 64, generator=g, device="cuda").bfloat16()
+    dsT = torch.randn(B, H, 64, 64, generator=g, device="cuda")
+    y, sT, grads = run_ops(xs, s0, dy, dsT, rows_per_block)
+    y_ref, sT_ref, grads_ref = reference(xs, s0, dy, dsT)
+    names = ["y", "state_out"] + ["d" + n for n in "rwkvab"] + ["d state_in"]
+    errs = {}
+    for name, x, ref in zip(names, [y, sT] + grads, [y_ref, sT_ref] + grads_ref):
+        assert not x.isnan().any(), f"{name}: NaN (an element was not written)"
+        errs[name] = rel_err(x, ref)
+    assert max(errs.values()) <= TOL, errs
+    return errs
+
+
+@pytest.mark.parametrize("T", [16, 17, 100, 512, 4096])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_small_batch_heads(T, with_state):
+    check(1, T, 2, with_state, seed=T)
+
+
+@pytest.mark.parametrize("T", [16, 17, 100, 512])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_large_batch_heads(T, with_state):
+    check(4, T, 40, with_state, seed=T + 1)  # 160 heads: the forward splits heads in two, the backward does not
+
+
+@pytest.mark.parametrize("rows_per_block", [16, 32, 64])
+def test_rows_per_block(rows_per_block):
+    check(3, 100, 5, rows_per_block=rows_per_block, seed=rows_per_block)
+
+
+@pytest.mark.parametrize("w_range", [(-8.0, -7.0), (7.0, 8.0)])
+@pytest.mark.parametrize("T", [100, 4096])
+def test_decay_extremes(w_range, T):
+    """Decay next to 1 (w_raw -8) and next to its floor 0.545 (w_raw 8)."""
+    check(1, T, 2, w_range=w_range, seed=T)
+
+
+def test_autograd_function():
+    """wkv7_kernel: fp32 inputs in (cast to bf16 inside), y back in fp32, grads through state_in; None gradients."""
+    xs, s0 = inputs(2, 70, 3)
+    xs = [x.float().requires_grad_() for x in xs]
+    s0.requires_grad_()
+    dsT = torch.randn_like(s0)
+    y, sT = wkv7_kernel(*xs, s0)
+    assert y.dtype == torch.float32 and sT.dtype == torch.float32
+    (y.sum() + (sT * dsT).sum()).backward()
+    y_ref, sT_ref, grads_ref = reference([x.detach().bfloat16() for x in xs], s0.detach(), torch.ones_like(y), dsT)
+    errs = [rel_err(y, y_ref), rel_err(sT, sT_ref)] + [rel_err(x.grad, r) for x, r in zip(xs + [s0], grads_ref)]
+    assert max(errs) <= TOL, errs
+    for use_y in (True, False):  # y alone (d state_out is None), then state_out alone (dy is None); no state_in
+        xs2 = [x.detach().bfloat16().requires_grad_() for x in xs]
+        y2, sT2 = wkv7_kernel(*xs2)
+        (y2.float().sum() if use_y else sT2.sum()).backward()
+        xr = [x.detach().double().requires_grad_() for x in xs2]
+        yr, sTr = wkv7_sequential(*xr)
+        (yr.sum() if use_y else sTr.sum()).backward()
+        for x, ref in zip(xs2, xr):  # r has no gradient through state_out alone
+            assert rel_err(x.grad, ref.grad) <= TOL if ref.grad is not None else not x.grad.any()
+
+
+def test_torch_compile_fullgraph():
+    xs, s0 = inputs(2, 50, 2)
+    leaves = [x.requires_grad_() for x in xs] + [s0.requires_grad_()]
+    wkv7_kernel(*leaves)  # build and load outside the compiled region
+
+    def run(fn):
+        for x in leaves:
+            x.grad = None
+        y, sT = fn(*leaves)
+        (y.float().sum() + sT.sum()).backward()
+        return [y, sT] + [x.grad for x in leaves]
+
+    compiled = run(torch.compile(lambda *a: wkv7_kernel(*a), fullgraph=True))
+    eager = run(wkv7_kernel)
+    for a, b in zip(compiled, eager):  # heads split over blocks sum with atomics: equal up to rounding
+        assert rel_err(a, b) <= TOL
+
+
+def test_training_kernel_vs_torch():
+    """20 AdamW steps of a tiny RWKV on the same data and init: the kernel and the PyTorch path give the same losses."""
+    losses = {}
+    for impl in ("kernel", "torch"):
+        torch.manual_seed(0)
+        net = model.RWKV(model.RWKVConfig(n_layer=2, n_embd=128, vocab_size=256, wkv_impl=impl)).cuda()
+        opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        losses[impl] = []
+        for _ in range(20):
+            idx = torch.randint(0, 256, (4, 65), device="cuda", generator=g)
+            _, loss, _ = net(idx[:, :-1], idx[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[impl].append(loss.item())
+    diff = max(abs(a - b) for a, b in zip(losses["kernel"], losses["torch"]))
+    assert diff <= 1e-2, (diff, losses)

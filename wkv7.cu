@@ -1,0 +1,472 @@
+// wkv7.cu: the RWKV-7 WKV recurrence, forward and backward, in chunks of 16 steps on the tensor cores.
+//
+// What it computes (the same as wkv7_sequential in model.py), per batch b, head h, step t, with the fp32 state
+// S [value i, key j] of each head:
+//     sa_i = sum_j a_j S[i,j];   S[i,j] = S[i,j] decay_j + sa_i b_j + v_i k_j;   y_i = sum_j S[i,j] r_j
+// with decay = exp(lambda), lambda = -exp(-0.5) sigmoid(w) (w is the raw decay input). Inputs r, w, k, v, a, b:
+// bf16 (B, T, H, N), N = _N_ (64); state in / out: fp32 (B, H, N, N); y: bf16 (B, T, H, N). Any T (the last
+// chunk is padded inside with steps that leave the state alone), any B and H.
+//
+// Algorithm. Per chunk of L = 16 steps, with G_t = exp(g_t), g_t = cumulative lambda (inclusive), write
+//   R = r G_t, A = a G_{t-1}, K^ = k / G_t, B^ = b / G_t, K_ = k G_L / G_t, B_ = b G_L / G_t   (L x N each)
+//   M = causal mask of [R; A] [K^; B^]^T (2L x 2L: blocks rk rb / ak ab; r rows keep s <= t, a rows s < t)
+// Then, S0 being the state at the chunk start (rows = value index):
+//   X = A S0^T + M_ak V,  U = (I - M_ab)^-1 X  (U_t = sa_t),  Y = R S0^T + M_rk V + M_rb U,
+//   S_L = S0 diag(G_L) + V^T K_ + U^T B_.
+// All products run on the tensor cores (wmma, tf32; the small chunk-sized ones in split tf32 = 3 passes, which
+// is about fp32). Only (I - M_ab)^-1 is solved by substitution (16 threads). The forward stores S0 of every
+// chunk (fp32, B*H*ceil(T/16)*N*N*4 bytes) for the backward, which walks the chunks in reverse with dS:
+//   dU = M_rb^T dY + B_ dS^T,  dX = (I - M_ab)^-T dU,  D = mask([dY; dX] [V; U]^T),
+//   d[R; A] = [dY; dX] S0 + D [K^; B^],  d[K^; B^] = D^T [R; A],  d[K_; B_] = [V; U] dS,
+//   dV = M_rk^T dY + M_ak^T dX + K_ dS^T,  dS0 = dS diag(G_L) + [dY; dX]^T [R; A],
+// then the chain rule through the G factors gives dr, da, dk, db and d lambda (a reverse cumulative sum in the
+// chunk), and dw = d lambda * lambda * (1 - lambda / LOG_DECAY_SCALE).
+//
+// Launch: one block of 256 threads per (b, h, group of NV value rows); rows of the state are independent, so
+// a head splits into N / NV blocks when B*H is small (the key-side gradients of those blocks are then summed
+// with fp32 atomics in a scratch buffer). Shared memory: 70 KB forward (3 blocks/SM), 151 KB backward (NV = 64).
+// Flags (model.py passes them): -D_N_=64 -DWKV7_NS=wkv7_n64 --use_fast_math -O3. Tuning macros (WKV7_CFLAGS):
+// WKV7_TF32X=3 (state-sized products in split tf32 too), WKV7_TF32X_SMALL=1 (chunk-sized ones in plain tf32:
+// ~10% faster, errors closer to the 4e-3 test bound), WKV7_BWD_THREADS, WKV7_FWD_MINB, WKV7_UNROLL. sm_80+.
+// Test: pytest -m gpu tests/test_wkv7_gpu.py   Bench: python bench.py
+
+#ifndef WKV7_EMU
+#include <cuda_bf16.h>
+#include <mma.h>
+#endif
+#include <type_traits>
+
+#ifndef _N_
+#define _N_ 64
+#endif
+#ifndef WKV7_TF32X
+#define WKV7_TF32X 1
+#endif
+#ifndef WKV7_TF32X_SMALL
+#define WKV7_TF32X_SMALL 3
+#endif
+#ifndef WKV7_UNROLL
+#define WKV7_UNROLL 2
+#endif
+#ifndef WKV7_FWD_MINB
+#define WKV7_FWD_MINB 3
+#endif
+#ifndef WKV7_BWD_THREADS
+#define WKV7_BWD_THREADS 256
+#endif
+
+namespace wkv7 {
+using bf16 = __nv_bfloat16;
+constexpr int N = _N_, L = 16, NT = 256, NT_BWD = WKV7_BWD_THREADS;  // threads per block: forward, backward
+constexpr int LDN = N + 4, LD2 = 2 * L + 4, LDL = L + 4;  // padded row lengths of shared-memory tiles
+constexpr int PB = WKV7_TF32X, PS = WKV7_TF32X_SMALL;     // tensor-core passes: state-sized, chunk-sized products
+constexpr int UNROLL = WKV7_UNROLL;                        // k-steps per iteration in mm
+constexpr float LOG_DECAY_SCALE = -0.6065306597126334f;    // lambda = LOG_DECAY_SCALE * sigmoid(w)
+static_assert(N % 16 == 0 && N <= NT && L * N % NT_BWD == 0, "head size");
+
+struct Args {
+  const bf16 *r, *w, *k, *v, *a, *b;  // (B, T, H, N)
+  int T, H;
+};
+__device__ __forceinline__ size_t idx(const Args& p, int bb, int t, int h) { return (((size_t)bb * p.T + t) * p.H + h) * N; }
+
+struct __align__(8) bf16x4 { bf16 x[4]; };
+__device__ __forceinline__ void ld4(const bf16* p, float* o) {
+  bf16x4 u = *reinterpret_cast<const bf16x4*>(p);
+  for (int q = 0; q < 4; q++) o[q] = __bfloat162float(u.x[q]);
+}
+__device__ __forceinline__ void st4(bf16* p, const float* o) {
+  bf16x4 u;
+  for (int q = 0; q < 4; q++) u.x[q] = __float2bfloat16_rn(o[q]);
+  *reinterpret_cast<bf16x4*>(p) = u;
+}
+
+// C (= or +=) op(A) op(B), fp32 tiles in shared memory, op(X) = X or X^T; M, Nn multiples of 16, K of 8.
+// PASSES = 1: tf32. PASSES = 3: split tf32 (x = hi + lo; hi*hi + hi*lo + lo*hi), about fp32 accuracy.
+// CAUSAL zeroes entries of a 2L x 2L result outside the chunk masks (see the top).
+// Every size is a template argument (the loops unroll, the addresses are constants). NW = warps in the block.
+template <int NW, bool TA, bool TB, int PASSES, bool CAUSAL, int M, int Nn, int K, int lda, int ldb, int ldc>
+__device__ void mm(float* C, const float* A, const float* B, bool acc) {
+  using namespace nvcuda;
+  using LA = typename std::conditional<TA, wmma::col_major, wmma::row_major>::type;
+  using LB = typename std::conditional<TB, wmma::col_major, wmma::row_major>::type;
+  constexpr int tiles_n = Nn / 16;
+  for (int tile = threadIdx.x / 32; tile < M / 16 * tiles_n; tile += NW) {
+    const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> c, c2;  // two accumulators: two dependency chains
+    if (acc) wmma::load_matrix_sync(c, C + m0 * ldc + n0, ldc, wmma::mem_row_major);
+    else wmma::fill_fragment(c, 0.f);
+    wmma::fill_fragment(c2, 0.f);
+#pragma unroll UNROLL
+    for (int k0 = 0; k0 < K; k0 += 8) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LA> a, a2;
+      wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LB> b, b2;
+      wmma::load_matrix_sync(a, TA ? A + k0 * lda + m0 : A + m0 * lda + k0, lda);
+      wmma::load_matrix_sync(b, TB ? B + n0 * ldb + k0 : B + k0 * ldb + n0, ldb);
+      for (int i = 0; i < a.num_elements; i++) {
+        const float hi = wmma::__float_to_tf32(a.x[i]);
+        if (PASSES == 3) a2.x[i] = wmma::__float_to_tf32(a.x[i] - hi);
+        a.x[i] = hi;
+      }
+      for (int i = 0; i < b.num_elements; i++) {
+        const float hi = wmma::__float_to_tf32(b.x[i]);
+        if (PASSES == 3) b2.x[i] = wmma::__float_to_tf32(b.x[i] - hi);
+        b.x[i] = hi;
+      }
+      if (PASSES == 3) {
+        wmma::mma_sync(c2, a2, b, c2);
+        wmma::mma_sync(c2, a, b2, c2);
+        wmma::mma_sync(c, a, b, c);
+      } else if (k0 & 8) {
+        wmma::mma_sync(c2, a, b, c2);
+      } else {
+        wmma::mma_sync(c, a, b, c);
+      }
+    }
+    for (int i = 0; i < c.num_elements; i++) c.x[i] += c2.x[i];
+    wmma::store_matrix_sync(C + m0 * ldc + n0, c, ldc, wmma::mem_row_major);
+    if (CAUSAL) {
+      __syncwarp();
+      for (int e = threadIdx.x % 32; e < 256; e += 32) {
+        const int t = m0 + e / 16, s = n0 + e % 16;
+        if (s % L > t % L - (t >= L)) C[t * ldc + s] = 0.f;
+      }
+    }
+  }
+}
+
+// Raw chunk inputs: RA = [r; a], KB = [k; b] (rows = steps), LAM = lambda. Steps past T: zeros, lambda 0.
+template <int NTH>
+__device__ void load_keys(const Args& p, int bb, int h, int t0, float* RA, float* KB, float* LAM) {
+  for (int e = threadIdx.x; e < L * N / 4; e += NTH) {
+    const int t = e / (N / 4), j = e % (N / 4) * 4, tt = t0 + t;
+    float r[4] = {}, w[4] = {}, k[4] = {}, a[4] = {}, b[4] = {};
+    if (tt < p.T) {
+      const size_t o = idx(p, bb, tt, h) + j;
+      ld4(p.r + o, r), ld4(p.w + o, w), ld4(p.k + o, k), ld4(p.a + o, a), ld4(p.b + o, b);
+    }
+    for (int q = 0; q < 4; q++) {
+      RA[t * LDN + j + q] = r[q], RA[(L + t) * LDN + j + q] = a[q];
+      KB[t * LDN + j + q] = k[q], KB[(L + t) * LDN + j + q] = b[q];
+      LAM[t * LDN + j + q] = tt < p.T ? LOG_DECAY_SCALE / (1.f + __expf(-w[q])) : 0.f;
+    }
+  }
+}
+// Value-indexed chunk rows (v, dy) of this block's NV rows -> dst[t][i]; steps past T are zeros.
+template <int NV, int NTH>
+__device__ void load_rows(const Args& p, const bf16* x, int bb, int h, int t0, int row0, float* dst, int ld) {
+  for (int e = threadIdx.x; e < L * NV / 4; e += NTH) {
+    const int t = e / (NV / 4), i = e % (NV / 4) * 4, tt = t0 + t;
+    float f[4] = {};
+    if (tt < p.T) ld4(x + idx(p, bb, tt, h) + row0 + i, f);
+    for (int q = 0; q < 4; q++) dst[t * ld + i + q] = f[q];
+  }
+}
+template <int NV, int NTH>
+__device__ void store_rows(const Args& p, bf16* x, int bb, int h, int t0, int row0, const float* src, int ld) {
+  for (int e = threadIdx.x; e < L * NV / 4; e += NTH) {
+    const int t = e / (NV / 4), i = e % (NV / 4) * 4, tt = t0 + t;
+    if (tt < p.T) st4(x + idx(p, bb, tt, h) + row0 + i, src + t * ld + i);
+  }
+}
+// NV rows of an N x N fp32 state between global memory (row length N) and shared memory (row length LDN).
+template <int NV, bool TO_SMEM, int NTH>
+__device__ void copy_state(float* smem_rows, float* g) {
+  for (int e = threadIdx.x; e < NV * N / 4; e += NTH) {
+    const int i = e / (N / 4), j = e % (N / 4) * 4;
+    float4* s4 = reinterpret_cast<float4*>(smem_rows + i * LDN + j);
+    float4* g4 = reinterpret_cast<float4*>(g + i * N + j);
+    if (TO_SMEM) *s4 = *g4;
+    else *g4 = *s4;
+  }
+}
+
+// In place, from the raw inputs and LAM: RA = [r G_t; a G_{t-1}], KB = [k / G_t; b / G_t]; KBb = [k G_L / G_t;
+// b G_L / G_t]; GL = G_L; LG = g_t if given. Thread: one key j, a run of steps (it sums lambda over the whole chunk).
+template <int NTH>
+__device__ void decay_factors(const float* LAM, float* RA, float* KB, float* KBb, float* GL, float* LG) {
+  constexpr int steps = L * N / NTH;
+  const int j = threadIdx.x % N, t_begin = threadIdx.x / N * steps;
+  float gl = 0.f, gp = 0.f;
+  for (int t = 0; t < L; t++) {
+    const float lam = LAM[t * LDN + j];
+    gl += lam;
+    if (t < t_begin) gp += lam;
+  }
+  if (threadIdx.x < N) GL[j] = __expf(gl);
+#pragma unroll
+  for (int t = t_begin; t < t_begin + steps; t++) {
+    const float g = gp + LAM[t * LDN + j];
+    const float inv = __expf(-g), to_end = __expf(gl - g), k = KB[t * LDN + j], b = KB[(L + t) * LDN + j];
+    RA[t * LDN + j] *= __expf(g), RA[(L + t) * LDN + j] *= __expf(gp);
+    KB[t * LDN + j] = k * inv, KB[(L + t) * LDN + j] = b * inv;
+    KBb[t * LDN + j] = k * to_end, KBb[(L + t) * LDN + j] = b * to_end;
+    if (LG) LG[t * LDN + j] = g;
+    gp = g;
+  }
+}
+// TI = (I - M_ab)^-1 by substitution, one column per thread (threads 0..L-1); M_ab = M[L:, L:].
+__device__ void invert(const float* M, float* TI) {
+  const int s = threadIdx.x;
+  if (s >= L) return;
+  float x[L];  // x[t] = delta_ts + sum_{u<t} M_ab[t,u] x[u], applied column by column (short dependency chains)
+#pragma unroll
+  for (int t = 0; t < L; t++) x[t] = t == s ? 1.f : 0.f;
+#pragma unroll
+  for (int u = 0; u < L; u++) {
+    TI[u * LDL + s] = x[u];
+#pragma unroll
+    for (int t = u + 1; t < L; t++) x[t] += M[(L + t) * LD2 + L + u] * x[u];
+  }
+}
+
+template <int NV>
+struct FwdSmem {  // offsets (floats) into dynamic shared memory; every size is a multiple of 8 (32 bytes)
+  static constexpr int LDV = NV + 4, RA = 0, KB = RA + 2 * L * LDN, KBb = KB + 2 * L * LDN, LG = KBb + 2 * L * LDN,
+                       GL = LG + L * LDN, S = GL + N, VU = S + NV * LDN, YX = VU + 2 * L * LDV, M = YX + 2 * L * LDV,
+                       TI = M + 2 * L * LD2, SIZE = TI + L * LDL;
+};
+
+template <int NV>
+__global__ void __launch_bounds__(NT, WKV7_FWD_MINB) wkv7_forward(Args p, const float* s0, bf16* y, float* sT, float* ckpt) {
+  using F = FwdSmem<NV>;
+  constexpr int LDV = F::LDV, G = N / NV, NTH = NT, NW = NT / 32;
+  extern __shared__ __align__(128) float smem[];
+  float *RA = smem + F::RA, *KB = smem + F::KB, *KBb = smem + F::KBb, *LG = smem + F::LG, *GL = smem + F::GL,
+        *S = smem + F::S, *VU = smem + F::VU, *YX = smem + F::YX, *M = smem + F::M, *TI = smem + F::TI;
+  const int bh = blockIdx.x / G, h = bh % p.H, bb = bh / p.H, row0 = blockIdx.x % G * NV, nC = (p.T + L - 1) / L;
+  const size_t rows = ((size_t)bh * N + row0) * N;  // this block's rows in a (B, H, N, N) state
+  copy_state<NV, true, NTH>(S, const_cast<float*>(s0) + rows);
+  for (int c = 0; c < nC; c++) {
+    const int t0 = c * L;
+    __syncthreads();
+    if (c) store_rows<NV, NTH>(p, y, bb, h, t0 - L, row0, YX, LDV);
+    copy_state<NV, false, NTH>(S, ckpt + ((size_t)bh * nC + c) * N * N + row0 * N);
+    load_keys<NTH>(p, bb, h, t0, RA, KB, LG);
+    load_rows<NV, NTH>(p, p.v, bb, h, t0, row0, VU, LDV);
+    __syncthreads();
+    decay_factors<NTH>(LG, RA, KB, KBb, GL, nullptr);
+    __syncthreads();
+    mm<NW, false, true, PS, true, 2 * L, 2 * L, N, LDN, LDN, LD2>(M, RA, KB, false);  // M = mask([R; A] [K^; B^]^T)
+    mm<NW, false, true, PB, false, 2 * L, NV, N, LDN, LDN, LDV>(YX, RA, S, false);          // [Y; X] = [R; A] S0^T
+    __syncthreads();
+    invert(M, TI);
+    mm<NW, false, false, PS, false, 2 * L, NV, L, LD2, LDV, LDV>(YX, M, VU, true);  // [Y; X] += [M_rk; M_ak] V
+    for (int e = threadIdx.x; e < NV * N; e += NTH) S[e / N * LDN + e % N] *= GL[e % N];
+    __syncthreads();
+    mm<NW, false, false, PS, false, L, NV, L, LDL, LDV, LDV>(VU + L * LDV, TI, YX + L * LDV, false);  // U = (I - M_ab)^-1 X
+    __syncthreads();
+    mm<NW, false, false, PS, false, L, NV, L, LD2, LDV, LDV>(YX, M + L, VU + L * LDV, true);  // Y += M_rb U
+    mm<NW, true, false, PB, false, NV, N, 2 * L, LDV, LDN, LDN>(S, VU, KBb, true);           // S += [V; U]^T [K_; B_]
+  }
+  __syncthreads();
+  if (nC) store_rows<NV, NTH>(p, y, bb, h, (nC - 1) * L, row0, YX, LDV);
+  copy_state<NV, false, NTH>(S, sT + rows);
+}
+
+template <int NV>
+struct BwdSmem {
+  static constexpr int LDV = NV + 4, RA = 0, KB = RA + 2 * L * LDN, KBb = KB + 2 * L * LDN, dRA = KBb + 2 * L * LDN,
+                       dKB = dRA + 2 * L * LDN, dKBb = dKB + 2 * L * LDN, LAM = dKBb + 2 * L * LDN, LG = LAM + L * LDN,
+                       GL = LG + L * LDN, DGL = GL + N, S0 = DGL + N, dS = S0 + NV * LDN, dS2 = dS + NV * LDN,
+                       VU = dS2 + NV * LDN, dYX = VU + 2 * L * LDV, dVU = dYX + 2 * L * LDV, X = dVU + 2 * L * LDV,
+                       M = X + L * LDV, D = M + 2 * L * LD2, TI = D + 2 * L * LD2, SIZE = TI + L * LDL;
+};
+
+// Key-side gradients: written directly when one block holds the whole head, else summed in fp32 scratch.
+template <int G>
+__device__ __forceinline__ void put(bf16* out, float* acc, size_t o, float x) {
+  if (G == 1) out[o] = __float2bfloat16_rn(x);
+  else atomicAdd(acc + o, x);
+}
+
+template <int NV>
+__global__ void __launch_bounds__(NT_BWD)
+    wkv7_backward(Args p, const float* ckpt, const bf16* dy, const float* dsT, bf16* dr, bf16* dw, bf16* dk, bf16* dv,
+                  bf16* da, bf16* db, float* ds0, float* gacc) {
+  using F = BwdSmem<NV>;
+  constexpr int LDV = F::LDV, G = N / NV, NTH = NT_BWD, NW = NT_BWD / 32;
+  extern __shared__ __align__(128) float smem[];
+  float *RA = smem + F::RA, *KB = smem + F::KB, *KBb = smem + F::KBb, *dRA = smem + F::dRA, *dKB = smem + F::dKB,
+        *dKBb = smem + F::dKBb, *LAM = smem + F::LAM, *LG = smem + F::LG, *GL = smem + F::GL, *DGL = smem + F::DGL,
+        *S0 = smem + F::S0, *dS = smem + F::dS, *dS2 = smem + F::dS2, *VU = smem + F::VU, *dYX = smem + F::dYX,
+        *dVU = smem + F::dVU, *X = smem + F::X, *M = smem + F::M, *D = smem + F::D, *TI = smem + F::TI;
+  const int bh = blockIdx.x / G, h = bh % p.H, bb = bh / p.H, row0 = blockIdx.x % G * NV, nC = (p.T + L - 1) / L;
+  const size_t rows = ((size_t)bh * N + row0) * N, BTHN = (size_t)gridDim.x / G * p.T * N;
+  copy_state<NV, true, NTH>(dS, const_cast<float*>(dsT) + rows);
+  for (int c = nC - 1; c >= 0; c--) {
+    const int t0 = c * L;
+    __syncthreads();
+    load_keys<NTH>(p, bb, h, t0, RA, KB, LAM);
+    load_rows<NV, NTH>(p, p.v, bb, h, t0, row0, VU, LDV);
+    load_rows<NV, NTH>(p, dy, bb, h, t0, row0, dYX, LDV);
+    copy_state<NV, true, NTH>(S0, const_cast<float*>(ckpt) + ((size_t)bh * nC + c) * N * N + row0 * N);
+    __syncthreads();
+    decay_factors<NTH>(LAM, RA, KB, KBb, GL, LG);
+    if (threadIdx.x < N) {  // d G_L (this block's rows) = sum_i S0[i,j] dS[i,j]
+      float acc = 0.f;
+      for (int i = 0; i < NV; i++) acc += S0[i * LDN + threadIdx.x] * dS[i * LDN + threadIdx.x];
+      DGL[threadIdx.x] = acc;
+    }
+    __syncthreads();
+    mm<NW, false, true, PS, true, 2 * L, 2 * L, N, LDN, LDN, LD2>(M, RA, KB, false);  // M
+    mm<NW, false, true, PB, false, L, NV, N, LDN, LDN, LDV>(X, RA + L * LDN, S0, false);    // X = A S0^T
+    mm<NW, false, true, PB, false, 2 * L, NV, N, LDN, LDN, LDV>(dVU, KBb, dS, false);        // [dV; dU] = [K_; B_] dS^T
+    __syncthreads();
+    invert(M, TI);
+    mm<NW, false, false, PS, false, L, NV, L, LD2, LDV, LDV>(X, M + L * LD2, VU, true);             // X += M_ak V
+    mm<NW, true, false, PS, false, L, NV, L, LD2, LDV, LDV>(dVU + L * LDV, M + L, dYX, true);       // dU += M_rb^T dY
+    __syncthreads();
+    mm<NW, false, false, PS, false, L, NV, L, LDL, LDV, LDV>(VU + L * LDV, TI, X, false);            // U = (I - M_ab)^-1 X
+    mm<NW, true, false, PS, false, L, NV, L, LDL, LDV, LDV>(dYX + L * LDV, TI, dVU + L * LDV, false);  // dX = (I - M_ab)^-T dU
+    __syncthreads();
+    mm<NW, false, true, PS, true, 2 * L, 2 * L, NV, LDV, LDV, LD2>(D, dYX, VU, false);  // D = mask([dY; dX] [V; U]^T)
+    mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dKBb, VU, dS, false);        // d[K_; B_] = [V; U] dS
+    mm<NW, true, false, PB, false, NV, N, 2 * L, LDV, LDN, LDN>(dS2, dYX, RA, false);         // dS0 = [dY; dX]^T [R; A] ...
+    mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dRA, dYX, S0, false);        // d[R; A] = [dY; dX] S0 ...
+    mm<NW, true, false, PS, false, L, NV, 2 * L, LD2, LDV, LDV>(dVU, M, dYX, true);            // dV += [M_rk; M_ak]^T [dY; dX]
+    __syncthreads();
+    mm<NW, false, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dRA, D, KB, true);  // ... + D [K^; B^]
+    mm<NW, true, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dKB, D, RA, false);  // d[K^; B^] = D^T [R; A]
+    for (int e = threadIdx.x; e < NV * N; e += NTH) dS2[e / N * LDN + e % N] += dS[e / N * LDN + e % N] * GL[e % N];
+    store_rows<NV, NTH>(p, dv, bb, h, t0, row0, dVU, LDV);
+    __syncthreads();
+    for (int e = threadIdx.x; e < L * N; e += NTH) {  // chain rule through the G factors
+      const int t = e / N, j = e % N, tt = t0 + t;
+      const float g = LG[t * LDN + j], gp = t ? LG[(t - 1) * LDN + j] : 0.f, gl = LG[(L - 1) * LDN + j];
+      const int r_ = t * LDN + j, a_ = (L + t) * LDN + j;  // rows of r, k (first half) and a, b (second half)
+      const float dR = dRA[r_], dA = dRA[a_], dK = dKB[r_], dB = dKB[a_], dK_ = dKBb[r_], dB_ = dKBb[a_];
+      const float inv = __expf(-g), to_end = __expf(gl - g);
+      if (tt < p.T) {
+        const size_t o = idx(p, bb, tt, h) + j;
+        put<G>(dr, gacc, o, dR * __expf(g));
+        put<G>(dk, gacc + 2 * BTHN, o, dK * inv + dK_ * to_end);
+        put<G>(da, gacc + 3 * BTHN, o, dA * __expf(gp));
+        put<G>(db, gacc + 4 * BTHN, o, dB * inv + dB_ * to_end);
+      }
+      // d g_t terms: e_t at t, f_t at t-1, and those of G_L (added to every step of the chunk)
+      dRA[r_] = dR * RA[r_] - dK * KB[r_] - dB * KB[a_] - dK_ * KBb[r_] - dB_ * KBb[a_];
+      dRA[a_] = dA * RA[a_];
+      dKBb[r_] = dK_ * KBb[r_] + dB_ * KBb[a_];
+    }
+    __syncthreads();
+    if (threadIdx.x < N) {  // d lambda_s = sum_{t >= s} d g_t; dw = d lambda * d lambda / dw
+      const int j = threadIdx.x;
+      float acc = DGL[j] * GL[j], f = 0.f;
+      for (int t = 0; t < L; t++) acc += dKBb[t * LDN + j];
+      for (int t = L - 1; t >= 0; t--) {
+        acc += dRA[t * LDN + j];
+        const float dl = acc + f, lam = LAM[t * LDN + j];
+        f += dRA[(L + t) * LDN + j];
+        if (t0 + t < p.T) put<G>(dw, gacc + BTHN, idx(p, bb, t0 + t, h) + j, dl * lam * (1.f - lam / LOG_DECAY_SCALE));
+      }
+    }
+    float* tmp = dS;
+    dS = dS2, dS2 = tmp;
+  }
+  __syncthreads();
+  copy_state<NV, false, NTH>(dS, ds0 + rows);
+}
+}  // namespace wkv7
+
+#ifndef WKV7_NO_TORCH
+// ---- host side: torch ops wkv7_nN::forward / backward (explicit schemas with mutated outputs) ----
+#ifndef WKV7_EMU
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#define WKV7_DISPATCH CUDA
+#define WKV7_LAUNCH(kern, blocks, threads, smem, ...)                                                             \
+  do {                                                                                                     \
+    const c10::cuda::CUDAGuard guard(r.device());                                                          \
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(smem))); \
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, 100));      \
+    kern<<<blocks, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);                       \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                        \
+  } while (0)
+#endif
+#ifndef WKV7_NS
+#define WKV7_NS wkv7_n64
+#endif
+#define WKV7_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)  // one more expansion, so that WKV7_NS is replaced
+#define WKV7_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+namespace wkv7 {
+using at::Tensor;
+static int rows_per_block(int64_t nv, int64_t heads, int64_t want_blocks) {
+  TORCH_CHECK(nv == 0 || nv == 16 || nv == 32 || nv == 64, "nv must be 0 (auto), 16, 32 or 64");
+  if (nv == 0)  // split heads over blocks until there are enough blocks
+    for (nv = N > 64 ? 64 : N; nv > 16 && heads * (N / nv) < want_blocks; nv /= 2) {}
+  TORCH_CHECK(nv <= N, "nv larger than the head size");
+  return (int)nv;
+}
+static Args check(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v, const Tensor& a, const Tensor& b) {
+  for (const Tensor* x : {&r, &w, &k, &v, &a, &b}) {
+    TORCH_CHECK(x->dtype() == at::kBFloat16 && x->is_contiguous() && x->sizes() == r.sizes(),
+                "wkv7: r, w, k, v, a, b must be contiguous bf16 tensors of one shape (B, T, H, N)");
+  }
+  TORCH_CHECK(r.dim() == 4 && r.size(3) == N, "wkv7: this build is for head size ", N);
+  auto ptr = [](const Tensor& x) { return reinterpret_cast<const bf16*>(x.data_ptr()); };
+  return Args{ptr(r), ptr(w), ptr(k), ptr(v), ptr(a), ptr(b), (int)r.size(1), (int)r.size(2)};
+}
+
+void forward(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v, const Tensor& a, const Tensor& b,
+             const Tensor& s0, Tensor& y, Tensor& sT, Tensor& ckpt, int64_t nv) {
+  const Args p = check(r, w, k, v, a, b);
+  const int64_t heads = r.size(0) * r.size(2);
+  TORCH_CHECK(ckpt.numel() == heads * ((p.T + L - 1) / L) * N * N && s0.numel() == heads * N * N, "wkv7: sizes");
+  auto run = [&](auto nv_) {
+    constexpr int NV = decltype(nv_)::value;
+    const size_t smem = FwdSmem<NV>::SIZE * sizeof(float);
+    WKV7_LAUNCH(wkv7_forward<NV>, (unsigned)(heads * (N / NV)), NT, smem, p, s0.data_ptr<float>(),
+                reinterpret_cast<bf16*>(y.data_ptr()), sT.data_ptr<float>(), ckpt.data_ptr<float>());
+  };
+  switch (rows_per_block(nv, heads, 264)) {
+    case 16: run(std::integral_constant<int, 16>()); break;
+    case 32: run(std::integral_constant<int, 32>()); break;
+    default: run(std::integral_constant<int, N < 64 ? N : 64>());
+  }
+}
+
+void backward(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v, const Tensor& a, const Tensor& b,
+              const Tensor& ckpt, const Tensor& dy, const Tensor& dsT, Tensor& dr, Tensor& dw, Tensor& dk, Tensor& dv,
+              Tensor& da, Tensor& db, Tensor& ds0, int64_t nv) {
+  const Args p = check(r, w, k, v, a, b);
+  const int64_t heads = r.size(0) * r.size(2);
+  const int NV = rows_per_block(nv, heads, 132);
+  Tensor gacc;  // fp32 sums of the key-side gradients when a head is split over several blocks
+  if (NV < N) gacc = at::zeros({5, r.numel()}, r.options().dtype(at::kFloat));
+  auto bp = [](Tensor& x) { return reinterpret_cast<bf16*>(x.data_ptr()); };
+  auto run = [&](auto nv_) {
+    constexpr int NV = decltype(nv_)::value;
+    const size_t smem = BwdSmem<NV>::SIZE * sizeof(float);
+    WKV7_LAUNCH(wkv7_backward<NV>, (unsigned)(heads * (N / NV)), NT_BWD, smem, p, ckpt.data_ptr<float>(),
+                reinterpret_cast<const bf16*>(dy.data_ptr()), dsT.data_ptr<float>(), bp(dr), bp(dw), bp(dk), bp(dv),
+                bp(da), bp(db), ds0.data_ptr<float>(), NV < N ? gacc.data_ptr<float>() : nullptr);
+  };
+  switch (NV) {
+    case 16: run(std::integral_constant<int, 16>()); break;
+    case 32: run(std::integral_constant<int, 32>()); break;
+    default: run(std::integral_constant<int, N < 64 ? N : 64>());
+  }
+  if (NV < N) {
+    Tensor* outs[5] = {&dr, &dw, &dk, &da, &db};
+    for (int i = 0; i < 5; i++) outs[i]->view(-1).copy_(gacc[i]);
+  }
+}
+}  // namespace wkv7
+
+WKV7_LIBRARY(WKV7_NS, m) {
+  m.def("chunk_len() -> int", []() -> int64_t { return wkv7::L; });  // steps per saved state (sizes ckpt)
+  m.def("forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, "
+        "Tensor(a!) y, Tensor(b!) sT, Tensor(c!) ckpt, int nv) -> ()");
+  m.def("backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor ckpt, Tensor dy, Tensor dsT, "
+        "Tensor(a!) dr, Tensor(b!) dw, Tensor(c!) dk, Tensor(d!) dv, Tensor(e!) da, Tensor(f!) db, Tensor(g!) ds0, "
+        "int nv) -> ()");
+}
+WKV7_LIBRARY_IMPL(WKV7_NS, WKV7_DISPATCH, m) {
+  m.impl("forward", &wkv7::forward);
+  m.impl("backward", &wkv7::backward);
+}
+#endif
