@@ -469,7 +469,7 @@ class RWKV(nn.Module):
                 continue
             if "att.w0" in name:
                 scaled.append(p)
-            elif weight_decay > 0 and p.squeeze().dim() >= 2 and ".weight" in name:
+            elif weight_decay > 0 and sum(d > 1 for d in p.shape) >= 2 and ".weight" in name:  # (FSDP-safe squeeze)
                 decayed.append(p)  # emb, head, r/k/v/o, ffn key/value; never LoRAs, r_k, mixes, norms
             else:
                 plain.append(p)

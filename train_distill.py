@@ -82,7 +82,7 @@ progress_bar = True
 # system
 device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # 'auto' = bf16 on CUDA, fp32 on CPU
-compile = False
+compile = False  # torch.compile the RWKV time-mixers (GPU)
 grad_checkpointing = False
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -245,12 +245,14 @@ if stage == 2 and teacher_ranks == 0:
         raise SystemExit(f"error: the teacher's vocabulary ({teacher_model.config.vocab_size}) differs from the "
                          f"student's ({vocab_size}); use a teacher with the same tokenizer")
 
+if compile:  # fuses the time-mixers' many small elementwise ops: a stage-2 step of the SmolLM2 hybrid went from
+    # 1.88x to 1.42x the teacher's own training step (H200, batch 16 x 512). In place: names keep no prefix.
+    for i in model.rwkv_layers:
+        model.hf.model.layers[i].self_attn.student.compile()
 raw_model = model
 if distributed:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None,
                                                       process_group=trainer_group)
-if compile:
-    model = torch.compile(model)
 
 params = [p for p in raw_model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), eps=adam_eps,

@@ -96,8 +96,8 @@ def test_topk_kl():
 def test_stage1_smollm2_two_layers(data_dir, chat_data, tmp_path):
     """The real teacher, two attention layers replaced: the alignment loss halves within 50 steps."""
     log = run([f"--base={os.path.join(data_dir, GGUF)}", "--rwkv_layers=[5, 20]", f"--data={chat_data}",
-               f"--out_dir={tmp_path}", "--ctx_len=128", "--batch_size=4", "--max_steps=50", "--warmup_steps=5",
-               "--learning_rate=2e-3", "--lr_final=2e-4", "--eval_interval=1000", "--eval_batches=4",
+               f"--out_dir={tmp_path}", "--ctx_len=64", "--batch_size=16", "--max_steps=50", "--warmup_steps=5",
+               "--learning_rate=6e-3", "--lr_final=1e-3", "--eval_interval=1000", "--eval_batches=2",
                "--log_interval=10"])
     val = values(log, "val", "align")
     assert len(val) == 2 and val[1] <= 0.5 * val[0], log
