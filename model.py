@@ -128,7 +128,7 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, chunk_len=32):
     strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
     keep = torch.cat([strict.repeat(1, 2), strict.logical_not().T.repeat(1, 2)])
     M = (ar @ bk.mT).masked_fill_(~keep, 0)
-    M_ab, M_ak, M_rb, M_rk = M[..., :L, :L], M[..., :L, L:], M[..., L:, :L], M[..., L:, L:]
+    M_ab, M_ak, M_rb = M[..., :L, :L], M[..., :L, L:], M[..., L:, :L]  # and M_rk = M[..., L:, L:]
 
     # sa (as rows t) = (I - M_ab)^-1 (a_dec S^T + M_ak v) = W1 S^T + U
     eye = torch.eye(L, dtype=dtype, device=r.device)

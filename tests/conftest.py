@@ -17,6 +17,17 @@ def data_dir():
     return d
 
 
+@pytest.fixture(scope="session")
+def vocab(data_dir):
+    return os.path.join(data_dir, "rwkv", "rwkv_vocab_v20230424.txt")
+
+
+@pytest.fixture(scope="session")
+def world(vocab):
+    from data.tokenizers import get_tokenizer
+    return get_tokenizer("world:" + vocab)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Under CI a skipped test is a failure: CPU tests must run, GPU tests are deselected with -m "not gpu"."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -11,14 +11,6 @@ from data.binidx import (BinIdx, write_binidx, token_dtype, open_dataset, load_m
                          magic_prime, check_magic_prime, sample_offset, is_prime)
 
 
-@pytest.fixture(scope="module")
-def vocab(data_dir):
-    return os.path.join(data_dir, "rwkv", "rwkv_vocab_v20230424.txt")
-
-@pytest.fixture(scope="module")
-def world(vocab):
-    return get_tokenizer("world:" + vocab)
-
 # ---------------------------------------------------------------- tokenizers
 
 def test_world_matches_rwkv_package_on_lambada(data_dir, vocab, world):

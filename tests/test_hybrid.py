@@ -4,14 +4,11 @@ import copy
 import pytest
 import torch
 
+from helpers import rel_err
 from model import Hybrid, HybridState
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama.modeling_llama import repeat_kv  # noqa: E402
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 @pytest.fixture(scope="module")

@@ -1,27 +1,12 @@
 """model.py against the authors' inference code (the `rwkv` package), a float64 reference, and itself."""
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import RWKV, RWKVConfig, L2Wrap, wkv7, wkv7_chunked, wkv7_sequential
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
-def random_model(seed=0, **cfg):
-    """The authors' init, then noise on every tensor so that no block is the identity and every path matters."""
-    torch.manual_seed(seed)
-    model = RWKV(RWKVConfig(**cfg))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.02 if name == "emb.weight" else 0.1 if p.dim() < 2 or p.shape[0] != p.shape[1] else 0.05
-            p.add_(torch.randn_like(p) * scale)
-    return model.eval()
+from helpers import random_model, rel_err
+from model import RWKV, RWKVConfig, L2Wrap, wkv7_chunked, wkv7_sequential
 
 
 def wkv_inputs(B, T, H, N, dtype=torch.float32, seed=0, w_scale=3.0):

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from data.tokenizers import get_tokenizer
-from model import RWKV, Hybrid, RWKVConfig
+from helpers import random_model
+from model import Hybrid
 from sample import (Stream, cat_states, decodable, eval_lambada, expand_state, forward_step, generate, load_model,
                     penalty_weight, prefill, sample)
 
@@ -29,33 +30,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def random_model(seed=0, **cfg):
-    """The authors' init plus noise on every tensor (output and ffn.value start at zero: no block would matter)."""
-    torch.manual_seed(seed)
-    model = RWKV(RWKVConfig(**cfg))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.02 if name == "emb.weight" else 0.1 if p.dim() < 2 or p.shape[0] != p.shape[1] else 0.05
-            p.add_(torch.randn_like(p) * scale)
-    return model.eval()
-
-
 def run(args, stdin=None):
     """sample.py in a subprocess -> (returncode, stdout, stderr)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")  # 1 thread: fast on a busy 2-core box
     p = subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, input=stdin, capture_output=True,
                        text=True, encoding="utf-8", errors="replace", env=env, timeout=120)
     return p.returncode, p.stdout, p.stderr
-
-
-@pytest.fixture(scope="module")
-def vocab(data_dir):
-    return os.path.join(data_dir, "rwkv", "rwkv_vocab_v20230424.txt")
-
-
-@pytest.fixture(scope="module")
-def world(vocab):
-    return get_tokenizer("world:" + vocab)
 
 
 @pytest.fixture(scope="module")
