@@ -323,7 +323,11 @@ def fail(message):
     sys.exit(2)
 
 def chat_loop(model, tok, preamble, settings):
-    """Multi-turn chat on stdin: "User: <line>\\n\\nAssistant:", each reply ends at "\\n\\n"; /reset, /quit, EOF."""
+    """Multi-turn chat on stdin: "User: <line>\\n\\nAssistant:", each reply ends at "\\n\\n"; /reset, /quit, EOF.
+    With a tokenizer that has a chat template (a hybrid of a chat model) the turns are rendered with it instead and
+    a reply ends at the end-of-turn token; each turn feeds the state only the text the template adds."""
+    template = getattr(getattr(tok, 'tok', None), 'chat_template', None) and tok.tok
+    messages, rendered = [], ''
     init = prefill(model, preamble)[1] if preamble else None
     state, clean = init, True
     gens = [torch.Generator().manual_seed(seed)]
@@ -341,18 +345,24 @@ def chat_loop(model, tok, preamble, settings):
             return
         if msg == '/reset':
             state, clean = None if init is None else expand_state(init, 1), True
+            messages, rendered = [], ''
             gens = [torch.Generator().manual_seed(seed)]
             print("(conversation reset)\n")
             continue
         if not msg:
             continue
-        try:
-            ids = encode(tok, ('' if clean else '\n\n') + f"User: {msg}\n\nAssistant:")
-        except ValueError as e:
-            print(f"error: {e}\n")
-            continue
+        if template:
+            messages.append({'role': 'user', 'content': msg})
+            text = template.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids, rendered = encode(tok, text[len(rendered):]), text
+        else:
+            try:
+                ids = encode(tok, ('' if clean else '\n\n') + f"User: {msg}\n\nAssistant:")
+            except ValueError as e:
+                print(f"error: {e}\n")
+                continue
         logits, state = prefill(model, ids, state)
-        stream = Stream(tok, ['\n\n'] + stop)
+        stream = Stream(tok, ([] if template else ['\n\n']) + stop)
         print("Assistant:", end='', flush=True)
 
         def on_tokens(ids):
@@ -360,7 +370,13 @@ def chat_loop(model, tok, preamble, settings):
             return stream.done
         _, state = generate(model, logits, state, max_new_tokens, gens, **settings, on_tokens=on_tokens)
         clean = stream.text[stream.shown:].startswith('\n\n')  # else the next turn begins with it
+        reply = stream.text
         print(stream.flush() + '\n')
+        if template:  # the state has seen the rendered prompt plus the reply; the end-of-turn text comes next turn
+            messages.append({'role': 'assistant', 'content': reply})
+            full = template.apply_chat_template(messages, tokenize=False)
+            end = full.rfind(reply) if reply else -1
+            rendered = full[:end + len(reply)] if end >= 0 else rendered + reply
 
 
 if __name__ == '__main__':

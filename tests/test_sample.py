@@ -415,3 +415,34 @@ def test_lambada_first_lines(world_model, world, vocab, data_dir, tmp_path):
             hits += logits.argmax(dim=-1).tolist() == dst
     assert ppl == pytest.approx(math.exp(-total / 20), rel=1e-4)
     assert acc == hits / 20
+
+
+def test_chat_with_a_hybrids_own_template(data_dir, tmp_path, monkeypatch, capsys):
+    """A hybrid of a chat model chats in its own template: everything fed to the state, plus the replies, decodes to
+    the template's rendering of the whole conversation."""
+    import io
+    import sample
+    import transformers
+    from data.chat import load_tokenizer
+    hf_tok = load_tokenizer(os.path.join(data_dir, "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=1, num_key_value_heads=1, initializer_range=0.2,
+                                   eos_token_id=hf_tok.eos_token_id)
+    Hybrid(transformers.AutoModelForCausalLM.from_config(cfg), [1]).save_pretrained(tmp_path)
+    hf_tok.save_pretrained(tmp_path)
+    model, spec = load_model(str(tmp_path))
+    tok = get_tokenizer(spec)
+    fed = []
+    real_prefill = sample.prefill
+    monkeypatch.setattr(sample, "prefill", lambda m, ids, state=None: (fed.append(list(ids)), real_prefill(m, ids, state))[1])
+    monkeypatch.setattr(sample, "max_new_tokens", 8)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi there\nWhat next?\n"))
+    sample.chat_loop(model.eval(), tok, [], dict(temperature=0, top_p=1.0, top_k=0, presence_penalty=0,
+                                                  frequency_penalty=0, penalty_decay=1.0, n_valid=len(hf_tok)))
+    replies = re.findall(r"Assistant:(.*?)\n\n", capsys.readouterr().out, re.S)
+    assert len(fed) == 2 and len(replies) == 2
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": replies[0]},
+                {"role": "user", "content": "What next?"}]
+    expected = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tok.decode(fed[0]) + replies[0] + tok.decode(fed[1]) == expected
