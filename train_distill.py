@@ -64,6 +64,7 @@ batch_size = 8  # sequences per trainer rank per micro-step
 grad_accum = 1
 # optimizer and schedule
 max_steps = 1000
+exit_step = 0  # > 0: save and stop at this step; the schedule still spans max_steps (jobs, tests)
 learning_rate = 1e-3
 lr_final = 1e-5  # cosine from learning_rate to lr_final over max_steps; lr_final = learning_rate for a flat lr
 warmup_steps = 10  # lr grows as 0.01 -> 1 over these steps
@@ -353,7 +354,7 @@ if progress_bar and master and sys.stderr.isatty():
 
 model.train()
 bad_steps, t0, tokens_seen = 0, time.time(), 0
-while step < max_steps and not stop_requested:
+while step < max_steps and not stop_requested and not (exit_step and step >= exit_step):
     if step % eval_interval == 0 or step == max_steps - 1:
         ev = evaluate()
         line = f"step {step} | val " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items())

@@ -127,3 +127,17 @@ def test_teacher_rank_equals_in_process_teacher(tiny_teacher, chat_data, tmp_pat
     ranked = run(common + ["--batch_size=2", "--teacher_ranks=1", f"--out_dir={tmp_path}/ranks"], nproc=3)
     a, b = values(single, "train", "kl"), values(ranked, "train", "kl")
     assert len(a) == len(b) == 5 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (a, b)
+
+
+def test_exact_resume(tiny_teacher, chat_data, tmp_path):
+    """Stopping at step 3 and resuming gives the weights of an uninterrupted 6-step run, bit for bit (CPU)."""
+    common = [f"--base={tiny_teacher}", "--stage=2", f"--data={chat_data}", "--ctx_len=64", "--batch_size=2",
+              "--max_steps=6", "--warmup_steps=2", "--learning_rate=3e-3", "--eval_interval=1000",
+              "--eval_batches=1", "--log_interval=1", "--save_interval=1000"]
+    run(common + [f"--out_dir={tmp_path}/straight"])
+    run(common + [f"--out_dir={tmp_path}/split", "--exit_step=3"])
+    run(common + [f"--out_dir={tmp_path}/split", "--init_from=resume"])
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
