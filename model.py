@@ -227,9 +227,17 @@ def wkv7_kernel(r, w, k, v, a, b, state=None):
 # === end WKV7 GPU kernels ===
 
 
-def wkv7(r, w, k, v, a, b, state=None, impl="auto"):
+def wkv7(r, w, k, v, a, b, state=None, impl="auto", part_len=0):
     """y, state_out = wkv7(r, w, k, v, a, b, state_in). Inputs (B, T, H, N); state fp32 (B, H, N, N) or None.
-    Returns y in r's dtype and the final state in fp32 (fp64 for fp64 inputs)."""
+    Returns y in r's dtype and the final state in fp32 (fp64 for fp64 inputs).
+    part_len > 0 (ctx_parts): run consecutive parts of at most part_len steps, the state carried from one to the
+    next, so the kernel's scratch (saved chunk states, gradient buffers) is that of one part; exact, gradients too."""
+    if 0 < part_len < r.shape[1]:
+        ys = []
+        for t in range(0, r.shape[1], part_len):
+            y, state = wkv7(*(x[:, t:t + part_len] for x in (r, w, k, v, a, b)), state, impl)
+            ys.append(y)
+        return torch.cat(ys, dim=1), state
     if impl == "kernel" or (impl == "auto" and r.is_cuda):
         return wkv7_kernel(r, w, k, v, a, b, state)
     if r.shape[1] == 1:  # one-token decoding step
@@ -261,6 +269,7 @@ class TimeMix(nn.Module):
         self.layer_id = layer_id
         self.is_first = layer_id == 0 if is_first is None else is_first
         self.wkv_impl = config.wkv_impl
+        self.wkv_part_len = 0  # > 0: the WKV runs in parts of this many tokens (ctx_parts; RWKV.set_wkv_part_len)
         C, A, H, N = config.n_embd, config.dim_att, config.n_head, config.head_size
         self.n_head, self.head_size = H, N
         vec = lambda n=A: nn.Parameter(torch.empty(1, 1, n))  # noqa: E731 (stored [1, 1, n] as in official files)
@@ -339,7 +348,7 @@ class TimeMix(nn.Module):
 
         shape = (B, T, H, N)
         y, wkv_state = wkv7(r.view(shape), w.view(shape), k.view(shape), v.view(shape),
-                            -kk, kk * a.view(shape), wkv_state, self.wkv_impl)
+                            -kk, kk * a.view(shape), wkv_state, self.wkv_impl, self.wkv_part_len)
         y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
         # "bonus": one scalar per (token, head), sum of r*k*r_k, times that head's value; added after ln_x
         bonus = (r.view(shape) * k.view(shape) * self.r_k).sum(dim=-1, keepdim=True) * v.view(shape)
@@ -546,6 +555,43 @@ class RWKV(nn.Module):
         tmp = f"{path}.tmp"
         torch.save(sd, tmp)
         os.replace(tmp, path)
+
+    # --- long context (seed (d): ctx_parts and state_cp / infctx) ---
+
+    def set_wkv_part_len(self, part_len):
+        """ctx_parts: every layer's WKV runs in parts of `part_len` tokens (0 = the whole sequence at once)."""
+        for block in self.blocks:
+            block.att.wkv_part_len = part_len
+
+    def forward_segments(self, idx, targets, segment_len, state=None):
+        """State checkpointing (infctx): the whole model runs segment by segment (the last one may be shorter),
+        carrying every layer's state. Each segment but the last is recomputed in backward (torch.utils.checkpoint),
+        so only segment-boundary states stay alive: activation memory grows with segment_len, not with T.
+        Gradients flow into the previous segment's state (full backpropagation through time), and the loss and its
+        gradient equal forward(idx, targets)'s: the token-weighted mean cross-entropy over the whole sequence, with
+        L2Wrap's 1e-4 / (B*T) for the whole T. Returns (None, loss, new state): no logits are kept."""
+        B, T = idx.shape
+        n_total = (targets != -1).sum()  # the mean's denominator, known before any segment runs
+
+        def segment(idx_s, targets_s, state):
+            logits, _, state = self(idx_s, None, state)
+            ce_sum = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_s.reshape(-1),
+                                     ignore_index=-1, reduction="sum")
+            # L2Wrap scales its push by 1 / (B * rows of the logits it sees); these logits have T_s of T rows, so
+            # it wraps the loss scaled by T / T_s and the result is scaled back: the value and the CE gradient are
+            # unchanged, and the push on these logits becomes the full call's 1e-4 / (B*T)
+            ratio = T / idx_s.shape[1]
+            return L2Wrap.apply(ce_sum / n_total * ratio, logits) / ratio, state
+
+        loss = 0.0
+        for t in range(0, T, segment_len):
+            args = (idx[:, t:t + segment_len], targets[:, t:t + segment_len], state)
+            if t + segment_len < T and torch.is_grad_enabled():  # the last segment's backward follows at once
+                part, state = torch.utils.checkpoint.checkpoint(segment, *args, use_reentrant=False)
+            else:
+                part, state = segment(*args)
+            loss = loss + part
+        return None, loss, state
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,124 @@
+"""
+LoRA for RWKV-7 (seed (d), RWKV-LM-LoRA): train a low-rank update of chosen matrices plus, optionally, whole small
+tensors; save only what trains; merge into a full official-layout .pth.
+
+    model = RWKV.from_pretrained("base.pth")
+    add_lora(model, r=16, alpha=32, dropout=0.01, parts="att,ffn,time,ln", layers="0-3 20-23")
+    ... train the parameters with requires_grad ...
+    save_lora(model, "lora.pth")                          # the trainable subset and the LoRA settings only
+    python lora.py base.pth lora.pth merged.pth           # W += alpha/r * B @ A, loadable by RWKV.from_pretrained
+
+parts: 'att' LoRA on receptance/key/value/output, 'ffn' LoRA on key/value, 'time' trains the token-shift mixes,
+w0/a0/v0/k_k/k_a/r_k and the built-in decay/a/v/gate low-rank matrices in full, 'ln' trains ln0/ln1/ln2 and ln_x
+in full (not ln_out). Embedding, head and ln_out stay frozen.
+"""
+import math
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PARTS = ("att", "ffn", "time", "ln")
+
+
+class LoraLinear(nn.Linear):
+    """nn.Linear plus (alpha/r) * B(A(dropout(x))); A kaiming-uniform, B zero, so training starts from the base."""
+
+    def forward(self, x):
+        return super().forward(x) + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.lora_scale
+
+
+def parse_layers(spec, n_layer):
+    """'0-3 25-31' (or '0,5', or a list) -> a set of layer indices; '' or None = all layers."""
+    if spec in ("", None):
+        return set(range(n_layer))
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).replace(",", " ").split()
+    layers = set()
+    for item in map(str, items):
+        lo, _, hi = item.partition("-")
+        layers.update(range(int(lo), int(hi or lo) + 1))
+    if not layers <= set(range(n_layer)):
+        raise ValueError(f"lora_layers {spec!r} out of range for a model with {n_layer} layers")
+    return layers
+
+
+def add_lora(model, r, alpha, dropout=0.0, parts="att,ffn,time,ln", layers=""):
+    """Freeze `model` (an RWKV) and make the chosen subset trainable. Linears keep their module, names and weight
+    (the class is swapped in place), so the state dict stays the official one plus `*.lora_A` / `*.lora_B`."""
+    parts = [p.strip() for p in parts.split(",")] if isinstance(parts, str) else list(parts)
+    if r <= 0 or not set(parts) <= set(PARTS):
+        raise ValueError(f"need lora r > 0 and parts among {PARTS}, got r={r}, parts={parts}")
+    model.requires_grad_(False)
+    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, parts=",".join(parts), layers=layers)
+    for i in sorted(parse_layers(layers, len(model.blocks))):
+        block = model.blocks[i]
+        att, ffn = block.att, block.ffn
+        linears = ([att.receptance, att.key, att.value, att.output] if "att" in parts else []) + \
+                  ([ffn.key, ffn.value] if "ffn" in parts else [])
+        for lin in linears:
+            w = lin.weight
+            lin.lora_A = nn.Parameter(torch.empty(r, w.shape[1], device=w.device, dtype=w.dtype))
+            lin.lora_B = nn.Parameter(torch.zeros(w.shape[0], r, device=w.device, dtype=w.dtype))
+            nn.init.kaiming_uniform_(lin.lora_A, a=math.sqrt(5))
+            lin.lora_scale, lin.lora_dropout = alpha / r, nn.Dropout(dropout)
+            lin.__class__ = LoraLinear
+        if "time" in parts:  # everything of att/ffn that is not an r/k/v/o/key/value Linear
+            for mod in (att, ffn):
+                for p in mod.parameters(recurse=False):
+                    p.requires_grad_(True)
+        if "ln" in parts:
+            for norm in [m for m in block.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))]:
+                norm.requires_grad_(True)
+    return model
+
+
+def lora_state_dict(model):
+    """The trainable subset only (LoRA matrices, and time/ln tensors when they train), on the CPU."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_lora(model, path):
+    torch.save(dict(lora_config=model.lora_config, weights=lora_state_dict(model)), path)
+
+
+def load_lora(model, path_or_ckpt):
+    """Resume: add the LoRA described in a save_lora file to a base model, then load its tensors (all must match)."""
+    ckpt = torch.load(path_or_ckpt, map_location="cpu", weights_only=True) if isinstance(path_or_ckpt, str) \
+        else path_or_ckpt
+    add_lora(model, **ckpt["lora_config"])
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = params.keys() - ckpt["weights"].keys(), ckpt["weights"].keys() - params.keys()
+    if missing or unexpected:
+        raise ValueError(f"LoRA checkpoint does not match the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(ckpt["weights"][n])
+    return model
+
+
+@torch.no_grad()
+def merged_state_dict(model, dtype=torch.bfloat16):
+    """The official layout with every W replaced by W + alpha/r * B @ A (computed in fp32); lora_* dropped."""
+    sd = {}
+    for name, t in model.state_dict().items():
+        if ".lora_" in name:
+            continue
+        mod = model.get_submodule(name.rsplit(".", 1)[0])
+        if isinstance(mod, LoraLinear) and name.endswith(".weight"):
+            t = t.float() + (mod.lora_B.float() @ mod.lora_A.float()) * mod.lora_scale
+        sd[name] = t.detach().to("cpu", dtype).contiguous()
+    return sd
+
+
+def merge_files(base_path, lora_path, out_path, dtype=torch.bfloat16):
+    from model import RWKV
+    model = load_lora(RWKV.from_pretrained(base_path), lora_path)
+    torch.save(merged_state_dict(model, dtype), out_path)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        sys.exit("usage: python lora.py BASE.pth LORA.pth OUT.pth   (writes the merged model in bf16)")
+    merge_files(*sys.argv[1:])

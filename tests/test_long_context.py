@@ -1,0 +1,83 @@
+"""Long-context training (seed (d)): state checkpointing (RWKV.forward_segments) and ctx_parts (wkv7's part_len)
+give the plain full-sequence loss and gradients, also when the parts do not divide the sequence."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_module
+from helpers import random_model, rel_err
+
+T = 256
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = random_model(n_layer=2, n_embd=64, vocab_size=97).train()
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 97, (2, T), generator=g)
+    targets = torch.randint(0, 97, (2, T), generator=g)
+    targets[0, 10:40] = -1  # ignored tokens, unevenly spread: the mean must be token-weighted over the whole T
+    targets[1, 200:] = -1
+    loss, grads = run(model, lambda: model(idx, targets)[1])
+    return model, idx, targets, loss, grads
+
+
+def run(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def check(loss, grads, ref_loss, ref_grads):
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert grads.keys() == ref_grads.keys()
+    worst = max(grads, key=lambda n: rel_err(grads[n], ref_grads[n]))
+    assert rel_err(grads[worst], ref_grads[worst]) <= 1e-5, f"{worst}: {rel_err(grads[worst], ref_grads[worst]):.2e}"
+
+
+@pytest.mark.parametrize("parts", [4, 7])
+def test_state_checkpointing_equals_full_sequence(setup, parts):
+    model, idx, targets, ref_loss, ref_grads = setup
+    segment_len = -(-T // parts)  # 7 parts: six of 37 tokens and one of 34
+    loss, grads = run(model, lambda: model.forward_segments(idx, targets, segment_len)[1])
+    check(loss, grads, ref_loss, ref_grads)
+
+
+def test_l2wrap_is_visible_at_this_tolerance(setup):
+    """L2Wrap's push moves the gradients by far more than 1e-5, so a segment using its own 1e-4 / (B*T_s) (4x or
+    7x the push) would fail the comparisons above."""
+    model, idx, targets, _, ref_grads = setup
+
+    def ce_only():
+        logits = model(idx)[0]
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-1)
+    _, grads = run(model, ce_only)
+    assert rel_err(grads["head.weight"], ref_grads["head.weight"]) > 1e-4
+
+
+@pytest.mark.parametrize("parts", [4, 7])
+def test_ctx_parts_equals_full_sequence(setup, parts, monkeypatch):
+    model, idx, targets, ref_loss, ref_grads = setup
+    lengths, inner = [], model_module.wkv7_chunked  # record the WKV calls: the parts must really happen
+    monkeypatch.setattr(model_module, "wkv7_chunked", lambda r, *a: lengths.append(r.shape[1]) or inner(r, *a))
+    model.set_wkv_part_len(-(-T // parts))
+    try:
+        loss, grads = run(model, lambda: model(idx, targets)[1])
+    finally:
+        model.set_wkv_part_len(0)
+    L = -(-T // parts)
+    assert lengths == ([L] * (parts - 1) + [T - (parts - 1) * L]) * model.config.n_layer, lengths
+    check(loss, grads, ref_loss, ref_grads)
+
+
+def test_segments_carry_the_state(setup):
+    """Without the carried state (each segment from zeros) the loss differs: the comparisons above can fail."""
+    model, idx, targets, ref_loss, _ = setup
+    with torch.no_grad():
+        cut = sum(model(idx[:, t:t + 64], targets[:, t:t + 64])[1] * (targets[:, t:t + 64] != -1).sum()
+                  for t in range(0, T, 64)) / (targets != -1).sum()
+        carried = model.forward_segments(idx, targets, 64)[1]
+    assert abs(carried.item() - ref_loss.item()) <= 1e-5 * ref_loss.item()
+    assert abs(cut.item() - ref_loss.item()) > 1e-3
+
