@@ -822,7 +822,8 @@ class Hybrid(nn.Module):
 
     # --- a hybrid directory: the teacher's config.json, hybrid.json (which layers are RWKV), model.safetensors ---
 
-    def save_pretrained(self, out_dir):
+    def save_pretrained(self, out_dir, state_dict=None):
+        """state_dict: this module's full state dict when the model is sharded (FSDP), else read from the model."""
         from safetensors.torch import save_file
         os.makedirs(out_dir, exist_ok=True)
         self.hf.config.save_pretrained(out_dir)
@@ -831,7 +832,8 @@ class Hybrid(nn.Module):
                     dim_g=self.rwkv_config.dim_g, format="nano-rwkv7 hybrid v1")
         with open(os.path.join(out_dir, "hybrid.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        sd = {k: v.detach().cpu().contiguous() for k, v in self.hf.state_dict().items() if ".teacher_attn." not in k}
+        sd = self.hf.state_dict() if state_dict is None else {k[3:]: v for k, v in state_dict.items() if k.startswith("hf.")}
+        sd = {k: v.detach().cpu().contiguous() for k, v in sd.items() if ".teacher_attn." not in k}
         if self.hf.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # the same tensor as the embedding
         tmp = os.path.join(out_dir, "model.safetensors.tmp")

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
 from configurator import check, configure, exit_on_config_error
 from data.chat import load_examples, load_tokenizer, pack
@@ -84,6 +86,7 @@ progress_bar = True
 device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # 'auto' = bf16 on CUDA, fp32 on CPU
 compile = False  # torch.compile the RWKV time-mixers (GPU)
+parallel = "ddp"  # under torchrun: 'ddp', or 'fsdp' (FSDP2: fully_shard each decoder layer, then the root)
 grad_checkpointing = False
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -97,6 +100,7 @@ with exit_on_config_error():
     check(topk >= 0 and teacher_ranks >= 0 and ctx_len > 0 and batch_size > 0, "topk, teacher_ranks, ctx_len and "
           "batch_size must be positive")
     check(teacher_ranks == 0 or stage == 2, "teacher_ranks serve the stage-2 teacher; use 0 in stages 1 and 3")
+    check(parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
 trainable = trainable or ("student" if stage == 1 else "all")
 
 # --- distributed setup: trainer ranks first, then teacher ranks ---------------------------------------------
@@ -120,7 +124,7 @@ ptdtype = {"auto": torch.bfloat16 if use_cuda else torch.float32, "bf16": torch.
            "fp32": torch.float32}[dtype]
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and ptdtype == torch.bfloat16 else nullcontext()
 trainer_group = dist.new_group(list(range(n_trainers))) if distributed else None
-torch.manual_seed(seed + rank)
+torch.manual_seed(seed)  # the same on every rank: FSDP shards each rank's own init (DDP would broadcast)
 
 
 def print0(*args, **kwargs):
@@ -250,8 +254,17 @@ if compile:  # fuses the time-mixers' many small elementwise ops: a stage-2 step
     # 1.88x to 1.42x the teacher's own training step (H200, batch 16 x 512). In place: names keep no prefix.
     for i in model.rwkv_layers:
         model.hf.model.layers[i].self_attn.student.compile()
-raw_model = model
-if distributed:
+raw_model = model  # unwrapped (under FSDP the sharded root itself): eval, saving
+if distributed and parallel == "fsdp":
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = DeviceMesh.from_group(trainer_group, "cuda" if use_cuda else "cpu")  # trainer ranks only
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if ptdtype == torch.bfloat16 \
+        else MixedPrecisionPolicy()
+    for layer in model.hf.model.layers:  # one all-gather per decoder layer in forward and in backward
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root holds the embedding, final norm and head
+elif distributed:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None,
                                                       process_group=trainer_group)
 
@@ -259,8 +272,9 @@ params = [p for p in raw_model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), eps=adam_eps,
                               weight_decay=weight_decay, fused=use_cuda)
 step = 0
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0; every trainer takes part
 if ckpt is not None:
-    optimizer.load_state_dict(ckpt["optimizer"])
+    set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
     step = ckpt["step"]
     torch.set_rng_state(ckpt["rng"])
 
@@ -314,12 +328,12 @@ def evaluate():
 
 
 def save():
+    sd, opt_sd = get_model_state_dict(raw_model, options=FULL), get_optimizer_state_dict(raw_model, optimizer, options=FULL)
     if not master:
         return
-    raw_model.save_pretrained(os.path.join(out_dir, "hybrid"))
+    raw_model.save_pretrained(os.path.join(out_dir, "hybrid"), state_dict=sd)
     tok.save_pretrained(os.path.join(out_dir, "hybrid"))
-    state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=config,
-                 rng=torch.get_rng_state())
+    state = dict(model=sd, optimizer=opt_sd, step=step, config=config, rng=torch.get_rng_state())
     torch.save(state, os.path.join(out_dir, "ckpt.pt.tmp"))
     os.replace(os.path.join(out_dir, "ckpt.pt.tmp"), os.path.join(out_dir, "ckpt.pt"))
 
@@ -371,7 +385,9 @@ while step < max_steps and not stop_requested and not (exit_step and step >= exi
     for micro in range(grad_accum):
         x, y = get_batch(step, micro)
         target = ask_teacher(x) if stage == 2 and teacher_ranks else None
-        if distributed:
+        if distributed and parallel == "fsdp":
+            model.set_requires_gradient_sync(micro == grad_accum - 1)
+        elif distributed:
             model.require_backward_grad_sync = micro == grad_accum - 1
         loss, terms = compute_loss(x, y, target)
         if distributed and stage > 1:  # token-weighted mean over ranks: DDP averages gradients, so weigh by our share
@@ -398,6 +414,7 @@ while step < max_steps and not stop_requested and not (exit_step and step >= exi
         continue
     bad_steps = 0
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1

@@ -118,15 +118,21 @@ def test_stages_2_and_3(tiny_teacher, chat_data, tmp_path):
     assert ce[1] < ce[0], log
 
 
-def test_teacher_rank_equals_in_process_teacher(tiny_teacher, chat_data, tmp_path):
-    """torchrun with two trainer ranks and one teacher rank gives the losses of one process with the same batch."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_teacher_rank_equals_in_process_teacher(tiny_teacher, chat_data, tmp_path, parallel):
+    """torchrun with two trainer ranks (DDP or FSDP2) and one teacher rank gives the losses of one process with the
+    same global batch, and the same saved weights."""
     common = [f"--base={tiny_teacher}", "--stage=2", f"--data={chat_data}", "--ctx_len=64", "--max_steps=5",
               "--warmup_steps=2", "--learning_rate=3e-3", "--eval_interval=1000", "--eval_batches=2",
               "--log_interval=1", "--topk=32"]
     single = run(common + ["--batch_size=4", f"--out_dir={tmp_path}/one"])
-    ranked = run(common + ["--batch_size=2", "--teacher_ranks=1", f"--out_dir={tmp_path}/ranks"], nproc=3)
+    ranked = run(common + ["--batch_size=2", "--teacher_ranks=1", f"--out_dir={tmp_path}/ranks",
+                           f"--parallel={parallel}"], nproc=3)
     a, b = values(single, "train", "kl"), values(ranked, "train", "kl")
     assert len(a) == len(b) == 5 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (a, b)
+    w1 = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
+    w2 = torch.load(tmp_path / "ranks" / "ckpt.pt", weights_only=False)["model"]
+    assert w1.keys() == w2.keys() and max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-4
 
 
 def test_exact_resume(tiny_teacher, chat_data, tmp_path):
