@@ -306,7 +306,7 @@ def evaluate():
     """Mean stage loss on validation rows, the student's CE, and (with a teacher here) the teacher's CE and the
     top-1 agreement of student and teacher on trained tokens."""
     model.eval()
-    sums = {}
+    sums, count = {}, 0.0
     for i in range(eval_batches):
         x, y = get_batch(i, 0, "val")
         loss, terms = compute_loss(x, y, ask_teacher(x) if stage == 2 and teacher_ranks else None)
@@ -317,14 +317,15 @@ def evaluate():
             valid = y >= 0
             terms["teacher_ce"] = F.cross_entropy(t_logits.float()[valid], y[valid]).item()
             terms["agreement"] = (s_logits.argmax(-1) == t_logits.argmax(-1))[valid].float().mean().item()
+        n = float((y >= 0).sum()) if stage > 1 else float(y.numel())  # token-weighted, as in training
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v / eval_batches
+            sums[k] = sums.get(k, 0.0) + v * n
+        count += n
     model.train()
+    vals = torch.tensor(list(sums.values()) + [count], device=device, dtype=torch.float64)
     if distributed:
-        vals = torch.tensor(list(sums.values()), device=device)
         dist.all_reduce(vals, group=trainer_group)
-        sums = dict(zip(sums, (vals / n_trainers).tolist()))
-    return sums
+    return dict(zip(sums, (vals[:-1] / vals[-1].clamp_min(1)).tolist()))
 
 
 def save():

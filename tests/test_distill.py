@@ -130,6 +130,8 @@ def test_teacher_rank_equals_in_process_teacher(tiny_teacher, chat_data, tmp_pat
                            f"--parallel={parallel}"], nproc=3)
     a, b = values(single, "train", "kl"), values(ranked, "train", "kl")
     assert len(a) == len(b) == 5 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (a, b)
+    va, vb = values(single, "val", "ce"), values(ranked, "val", "ce")  # validation is token-weighted over ranks too
+    assert len(va) == len(vb) == 2 and max(abs(x - y) for x, y in zip(va, vb)) <= 1e-4, (va, vb)
     w1 = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
     w2 = torch.load(tmp_path / "ranks" / "ckpt.pt", weights_only=False)["model"]
     assert w1.keys() == w2.keys() and max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-4
