@@ -25,6 +25,7 @@ from tqdm import tqdm
 from configurator import ConfigError, check, configure, exit_on_config_error
 from data.binidx import BinIdx, check_magic_prime, load_meta, open_dataset, sample_offset
 from data.binidx import magic_prime as find_magic_prime
+from lora import add_lora, merged_state_dict
 from model import RWKV, RWKVConfig
 
 # -----------------------------------------------------------------------------
@@ -71,6 +72,20 @@ device = 'auto'              # 'auto' (cuda if available, else cpu), 'cpu', 'cud
 dtype = 'auto'               # 'auto' (bfloat16 autocast on GPU, float32 on CPU), 'bfloat16', 'float32'
 parallel = 'ddp'             # under torchrun: 'ddp', or 'fsdp' (FSDP2: fully_shard each block, then the root)
 grad_checkpointing = False   # recompute each block in backward: much less activation memory, ~30% more time
+# long context (seed (d)); both are exact: the same loss and gradients as one plain pass over the sample
+ctx_parts = 1                # > 1: parts of ceil(ctx_len / ctx_parts) tokens: the WKV runs part by part (kernel scratch
+                             # of one part), or with state_cp the whole model does
+state_cp = False             # state checkpointing: the whole model runs part by part, each part recomputed in backward,
+                             # gradients through the carried state: activation memory of one part (one process only)
+initial_ctx_len = 0          # > 0: context warm-up: samples start this long and grow linearly to ctx_len ...
+ctx_warmup_steps = 0         # ... over this many steps (a sample is the first tokens of its ctx_len window)
+# LoRA (lora.py) on init_from = a .pth, the rest frozen; one process. ckpt.pt and lora-*.pth hold only the trainable
+# subset (resume reloads the base .pth), rwkv-final.pth is the merged model
+lora_r = 0                   # > 0: the LoRA rank; 0 = off
+lora_alpha = 32.0            # the update is scaled by lora_alpha / lora_r
+lora_dropout = 0.0           # dropout on the LoRA input
+lora_parts = 'att,ffn,time,ln'  # att/ffn: LoRA on r/k/v/o and ffn key/value; time: mixes, w0/a0/v0..; ln: norms
+lora_layers = ''             # e.g. '0-3 20-23'; '' = every layer
 compile = False              # torch.compile each block (GPU)
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -90,6 +105,11 @@ with exit_on_config_error():
     check(epoch_samples % samples_per_step == 0, f"epoch_samples ({epoch_samples}) must be a multiple of the global "
           f"batch {samples_per_step} (batch_size * gradient_accumulation_steps * {world_size} processes)")
     check(parallel in ('ddp', 'fsdp'), f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    check(ctx_parts >= 1 and not (state_cp and world_size > 1), "need ctx_parts >= 1; state_cp runs on one process")
+    check(lora_r == 0 or (init_from != 'scratch' and world_size == 1), "LoRA needs init_from=a .pth or resume, "
+          "on one process")
+    check(0 <= initial_ctx_len <= ctx_len and ctx_warmup_steps >= 0,
+          f"need 0 <= initial_ctx_len ({initial_ctx_len}) <= ctx_len ({ctx_len}) and ctx_warmup_steps >= 0")
     check(dtype in ('auto', 'bfloat16', 'float32'), f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
@@ -114,7 +134,7 @@ with exit_on_config_error():
         elif magic_prime > 0:
             check_magic_prime(magic_prime, train_ds.num_tokens, ctx_len)
 
-        checkpoint = None
+        checkpoint, lora_base = None, None
         if init_from == 'resume':
             ckpt_path = os.path.join(out_dir, 'ckpt.pt')
             check(os.path.isfile(ckpt_path), f"init_from='resume' but there is no {ckpt_path}")
@@ -123,9 +143,19 @@ with exit_on_config_error():
             check(old['ctx_len'] == ctx_len and old['samples_per_step'] == samples_per_step,
                   f"resume needs the checkpoint's ctx_len {old['ctx_len']} and global batch {old['samples_per_step']}"
                   f" (now {ctx_len}, {samples_per_step}); to change them, start anew from {out_dir}/rwkv-latest.pth")
-            with torch.device('meta'):  # no init: every tensor comes from the checkpoint
-                model = RWKV(RWKVConfig(**{**checkpoint['model_args'], 'wkv_impl': wkv_impl}))
-            model.load_state_dict(checkpoint['model'], assign=True)
+            lora_base = checkpoint.get('lora_base')
+            if lora_base:  # a LoRA run's checkpoint: its settings, the frozen rest from the base .pth
+                lora_r, lora_alpha, lora_dropout, lora_parts, lora_layers = (
+                    old[k] for k in ('lora_r', 'lora_alpha', 'lora_dropout', 'lora_parts', 'lora_layers'))
+                model = add_lora(RWKV.from_pretrained(lora_base, wkv_impl=wkv_impl), lora_r, lora_alpha, lora_dropout,
+                                 lora_parts, lora_layers)
+                missing, unexpected = model.load_state_dict(checkpoint['model'], strict=False)
+                check(not unexpected and all(not model.get_parameter(k).requires_grad for k in missing),
+                      f"{ckpt_path} does not match the LoRA of {lora_base}")
+            else:
+                with torch.device('meta'):  # no init: every tensor comes from the checkpoint
+                    model = RWKV(RWKVConfig(**{**checkpoint['model_args'], 'wkv_impl': wkv_impl}))
+                model.load_state_dict(checkpoint['model'], assign=True)
         elif init_from == 'scratch':
             check(vocab_size or data_vocab, f"{data_dir} has no meta.json: set vocab_size (65536 for RWKV World)")
             torch.manual_seed(seed)  # the same initial weights on every rank
@@ -134,6 +164,10 @@ with exit_on_config_error():
         else:
             check(os.path.isfile(init_from), f"init_from={init_from!r}: no such file ('scratch', 'resume' or a .pth)")
             model = RWKV.from_pretrained(init_from, wkv_impl=wkv_impl)
+            if lora_r:
+                lora_base = os.path.abspath(init_from)
+                torch.manual_seed(seed)  # LoRA A's random init: the same in every run with this seed
+                add_lora(model, lora_r, lora_alpha, lora_dropout, lora_parts, lora_layers)
     except (FileNotFoundError, ValueError) as e:  # a missing file or a bad checkpoint: one line too, exit 2
         raise ConfigError(str(e)) from None
     n_layer, n_embd, head_size, vocab_size = (getattr(model.config, k) for k in ('n_layer', 'n_embd', 'head_size',
@@ -195,6 +229,13 @@ flops_per_token = 6 * (n_params - model.emb.weight.numel())
 model.to(device)
 raw_model = model  # the unwrapped module: eval, state dicts (under FSDP it is the sharded root itself)
 raw_model.grad_checkpointing = grad_checkpointing
+part_len = -(-ctx_len // ctx_parts)  # tokens per part (the last part of a sample may be shorter)
+if ctx_parts > 1 and not state_cp:
+    raw_model.set_wkv_part_len(part_len)
+
+def loss_of(m, x, y):
+    """The model's loss on (x, y): segment by segment with state checkpointing, else in one call."""
+    return raw_model.forward_segments(x, y, part_len)[1] if state_cp else m(x, y)[1]
 # the authors' parameter groups, by name and before sharding: optim_groups' p.squeeze() fails on a DTensor sharded
 # along a size-1 dim (the [1, 1, C] mixes), and fully_shard keeps the names but replaces the parameters
 names = {p: n for n, p in raw_model.named_parameters()}
@@ -244,12 +285,21 @@ def get_batch(ds, starts):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x, y
 
+def sample_len(step):
+    """Context warm-up: the sample length at `step`, linear from initial_ctx_len to ctx_len over ctx_warmup_steps.
+    A pure function of the step, so a resumed run continues at the right length."""
+    if initial_ctx_len <= 0 or step >= ctx_warmup_steps:
+        return ctx_len
+    return initial_ctx_len + (ctx_len - initial_ctx_len) * step // ctx_warmup_steps
+
 def train_batch(step, micro):
     # Micro-batch `micro` of optimizer step `step` on this rank: samples ii = 1 + g, with the global counter
     # g = ((step * accum + micro) * batch_size + j) * world_size + rank. With accum = 1 this is the authors'
     # ii = 1 + epoch * 40320 + idx * world_size + rank, and any split of one global batch reads the same samples.
     first = (step * gradient_accumulation_steps + micro) * batch_size
-    return get_batch(train_ds, [sample_start(1 + (first + j) * world_size + rank) for j in range(batch_size)])
+    x, y = get_batch(train_ds, [sample_start(1 + (first + j) * world_size + rank) for j in range(batch_size)])
+    n = sample_len(step)
+    return (x[:, :n], y[:, :n]) if n < ctx_len else (x, y)
 
 @torch.no_grad()
 def estimate_loss():
@@ -261,7 +311,7 @@ def estimate_loss():
         ks = [(i * batch_size + j) * world_size + rank for j in range(batch_size)]
         x, y = get_batch(val_ds, [k * span // max(n - 1, 1) for k in ks])
         with ctx:
-            losses[i] = raw_model(x, y)[1]
+            losses[i] = loss_of(raw_model, x, y)  # no graph: segments keep eval memory at one part too
     raw_model.train()
     total = losses.mean()
     if ddp:
@@ -286,17 +336,29 @@ def save_official(sd, name):
     twin.load_state_dict(sd, assign=True)
     twin.save_pretrained(os.path.join(out_dir, name))
 
+def save_lora(sd, name):
+    """What lora.load_lora reads: the settings and the trainable tensors (merge: python lora.py BASE LORA OUT)."""
+    torch.save(dict(lora_config=raw_model.lora_config, weights=sd), os.path.join(out_dir, name))
+
 def save_checkpoint(step, final):
     sd, opt_sd = get_model_state_dict(raw_model, options=FULL), get_optimizer_state_dict(raw_model, optimizer, options=FULL)
+    if lora_base:  # only what trains; the frozen rest is the base .pth
+        sd = {k: v for k, v in sd.items() if raw_model.get_parameter(k).requires_grad}
     if master:
         rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state() if device_type == 'cuda' else None)
-        ckpt = dict(model=sd, optimizer=opt_sd, model_args=asdict(raw_model.config), config=config, step=step,
+        ckpt = dict(model=sd, optimizer=opt_sd, model_args=asdict(raw_model.config), config=config, lora_base=lora_base,
+                    step=step,
                     samples=step * samples_per_step, best_val_loss=best_val_loss, epoch_loss=(epoch_loss, epoch_steps), rng=rng)
         path = os.path.join(out_dir, 'ckpt.pt')
         torch.save(ckpt, path + '.tmp')
         os.replace(path + '.tmp', path)  # a job killed mid-write leaves the previous checkpoint intact
-        save_official(sd, 'rwkv-latest.pth')
+        if lora_base:
+            save_lora(sd, 'lora-latest.pth')
+            if final:  # the merged model, in the official layout
+                torch.save(merged_state_dict(raw_model), os.path.join(out_dir, 'rwkv-latest.pth'))
+        else:
+            save_official(sd, 'rwkv-latest.pth')
         if final:
             os.replace(os.path.join(out_dir, 'rwkv-latest.pth'), os.path.join(out_dir, 'rwkv-final.pth'))
         print0(f"saved {path} at step {step}" + (" and rwkv-final.pth" if final else ""))
@@ -354,7 +416,7 @@ while True:
     if exiting:
         break
 
-    t0 = time.time()
+    t0, seq_len = time.time(), x.shape[1]
     loss_sum = torch.zeros((), device=device)
     for micro in range(gradient_accumulation_steps):
         sync = micro == gradient_accumulation_steps - 1  # reduce gradients on the last micro-step only
@@ -363,7 +425,7 @@ while True:
         elif ddp:
             model.set_requires_gradient_sync(sync)
         with ctx:
-            loss = model(x, y)[1] / gradient_accumulation_steps
+            loss = loss_of(model, x, y) / gradient_accumulation_steps
         x, y = train_batch(step + 1, 0) if sync else train_batch(step, micro + 1)  # prefetch while the GPU works
         loss.backward()
         loss_sum += loss.detach()
@@ -396,15 +458,17 @@ while True:
                             f"{epoch - start_step // steps_per_epoch}\n"), train_log.flush()
         if epoch_save and epoch % epoch_save == 0:
             sd = get_model_state_dict(raw_model, options=FULL)
-            if master:
+            if master and lora_base:
+                save_lora({k: v for k, v in sd.items() if raw_model.get_parameter(k).requires_grad}, f"lora-{epoch}.pth")
+            elif master:
                 save_official(sd, f"rwkv-{epoch}.pth")
         epoch_loss, epoch_steps = 0.0, 0
     if master:
-        tok_s = tokens_per_step / dt
+        tok_s = samples_per_step * seq_len / dt
         if step % log_interval == 0 or step == max_iters:
             mfu = f" | mfu {100 * flops_per_token * tok_s / world_size / peak:.1f}%" if peak else ""
             print0(f"step {step}/{max_iters} | loss {lossf:.4f} | lr {lr:.1e} | dt {dt * 1000:.0f}ms | "
-                   f"tok/s {tok_s:,.0f}{mfu}")
+                   f"tok/s {tok_s:,.0f}{mfu}" + (f" | ctx {seq_len}" if initial_ctx_len else ""))
             if wandb_log:
                 wandb.log({'loss': lossf, 'lr': lr, 'tok/s': tok_s, 'grad_norm': normf,
                            'Gtokens': step * tokens_per_step / 1e9}, step=step)

@@ -1,11 +1,15 @@
 """Long-context training (seed (d)): state checkpointing (RWKV.forward_segments) and ctx_parts (wkv7's part_len)
-give the plain full-sequence loss and gradients, also when the parts do not divide the sequence."""
+give the plain full-sequence loss and gradients, also when the parts do not divide the sequence; in
+train_pretrain.py they train like the plain run, and the context warm-up is logged and resumes at the right length."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import model as model_module
 from helpers import random_model, rel_err
+from test_pretrain import TINY, epoch_lines, shakespeare, train  # noqa: F401 (shakespeare is a fixture)
 
 T = 256
 
@@ -81,3 +85,31 @@ def test_segments_carry_the_state(setup):
     assert abs(carried.item() - ref_loss.item()) <= 1e-5 * ref_loss.item()
     assert abs(cut.item() - ref_loss.item()) > 1e-3
 
+
+# --- train_pretrain.py: ctx_parts, state_cp and the context warm-up -------------------------------------------
+
+WARM = ["--ctx_len=32", "--initial_ctx_len=8", "--ctx_warmup_steps=4", "--max_iters=6", "--eval_interval=3"]
+
+
+def ctx_lengths(text):
+    return [int(n) for n in re.findall(r"step \d+/\d+ \|.*\| ctx (\d+)\n", text)]
+
+
+def test_trainer_warmup_and_exact_long_context_options(shakespeare, tmp_path):
+    """Context warm-up 8 -> 32 tokens over 4 steps, in the log. state_cp and ctx_parts=3 (parts of 11, 11, 10 tokens)
+    train like the plain run (same losses within 1e-4), and a state_cp run stopped during the warm-up resumes at the
+    right length."""
+    common = [f"--data_dir={shakespeare}", *TINY, *WARM]
+    ref = train(f"--out_dir={tmp_path / 'ref'}", *common)
+    assert ctx_lengths(ref.stdout) == [8, 14, 20, 26, 32, 32]
+    cp = [f"--out_dir={tmp_path / 'cp'}", *common, "--state_cp=True", "--ctx_parts=3"]
+    first = train(*cp, "--exit_step=2")
+    second = train(*cp, "--init_from=resume")
+    assert "resumed from" in second.stdout and ctx_lengths(first.stdout + second.stdout) == ctx_lengths(ref.stdout)
+    parts = train(f"--out_dir={tmp_path / 'parts'}", *common, "--ctx_parts=3")
+    want = epoch_lines(tmp_path / "ref")
+    assert len(want) == 6 and float(want[-1][1]) < float(want[0][1]) - 0.3  # it trained
+    for run in ("cp", "parts"):
+        got = epoch_lines(tmp_path / run)
+        assert [(e, lr) for e, _, lr in got] == [(e, lr) for e, _, lr in want], run
+        assert max(abs(float(a) - float(b)) for (_, a, _), (_, b, _) in zip(got, want)) <= 1e-4, (run, got, want)

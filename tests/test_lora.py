@@ -1,11 +1,13 @@
 """lora.py: after a few training steps the merged model equals the LoRA model, loads with RWKV.from_pretrained and
-in the `rwkv` package; only the trainable subset is saved; a LoRA checkpoint resumes; the layer filter holds."""
+in the `rwkv` package; only the trainable subset is saved; a LoRA checkpoint resumes; the layer filter holds; and
+the same through train_pretrain.py (lora_r > 0)."""
 import pytest
 import torch
 
 from helpers import random_model, rel_err
 from lora import LoraLinear, add_lora, load_lora, lora_state_dict, merge_files, merged_state_dict, save_lora
 from model import RWKV
+from test_pretrain import shakespeare  # noqa: F401 (a fixture)
 
 V = 300
 
@@ -100,3 +102,31 @@ def test_parts_and_layer_filter():
     assert not isinstance(model.blocks[0].att.key, LoraLinear) and not isinstance(model.blocks[1].ffn.key, LoraLinear)
     with pytest.raises(ValueError, match="out of range"):
         add_lora(random_model(n_layer=2, n_embd=64, vocab_size=50), r=2, alpha=2, layers="0-5")
+
+
+# --- train_pretrain.py with lora_r > 0 ---------------------------------------------------------------------------
+
+def test_trainer_lora_resume_and_merge(shakespeare, tmp_path):
+    """LoRA fine-tuning of a .pth in the trainer: ckpt.pt and lora-latest.pth hold only the trainable subset, a run
+    stopped at step 2 and resumed equals the uninterrupted one, and rwkv-final.pth is the merged model."""
+    from test_pretrain import TINY, epoch_lines, train
+    base = tmp_path / "base.pth"
+    random_model(seed=2, n_layer=2, n_embd=64, vocab_size=65).save_pretrained(base, dtype=torch.float32)
+    common = [f"--data_dir={shakespeare}", *TINY, "--max_iters=4", "--eval_interval=100"]
+    lora = [f"--init_from={base}", "--lora_r=4", "--lora_alpha=8", "--lora_dropout=0.05", "--lora_layers=1"]
+    train(f"--out_dir={tmp_path / 'ref'}", *common, *lora)
+    train(f"--out_dir={tmp_path / 'cut'}", *common, *lora, "--exit_step=2")
+    second = train(f"--out_dir={tmp_path / 'cut'}", *common, "--init_from=resume")  # LoRA settings from ckpt.pt
+    assert "resumed from" in second.stdout
+    ref = epoch_lines(tmp_path / "ref")
+    assert len(ref) == 4 and epoch_lines(tmp_path / "cut") == ref
+    ck = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
+    assert ck["model"] and all(k.startswith("blocks.1.") for k in ck["model"])  # only the trainable subset
+    saved = torch.load(tmp_path / "cut" / "lora-latest.pth", weights_only=True)
+    assert saved["weights"].keys() == ck["model"].keys() and "blocks.1.att.key.lora_B" in saved["weights"]
+    merged = RWKV.from_pretrained(tmp_path / "cut" / "rwkv-final.pth").eval()
+    model = load_lora(RWKV.from_pretrained(base), str(tmp_path / "cut" / "lora-latest.pth")).eval()
+    idx = torch.randint(0, 65, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # rwkv-final.pth is bf16, like every official file: compare at bf16 precision
+        assert rel_err(merged(idx)[0], model(idx)[0]) <= 2e-2
+        assert rel_err(model(idx)[0], RWKV.from_pretrained(base).eval()(idx)[0]) > 1e-3  # LoRA changed it
