@@ -285,8 +285,9 @@ def lr_at(step):
     return warm * (lr_final + 0.5 * (learning_rate - lr_final) * (1 + math.cos(math.pi * progress)))
 
 
-def compute_loss(x, y, teacher_target=None):
-    """The stage's loss and the terms to log."""
+def compute_loss(x, y, teacher_target=None, extra=False):
+    """The stage's loss and the terms to log. extra (stage 2, teacher in this process): also the teacher's CE and the
+    top-1 agreement of student and teacher on trained tokens, from the same forwards."""
     with autocast:
         if stage == 1:
             _, loss, _ = model(x, align=True)
@@ -294,29 +295,29 @@ def compute_loss(x, y, teacher_target=None):
         logits, ce, _ = model(x, y)
     if stage == 3:
         return ce, {"ce": ce.item()}
+    terms = {}
     if teacher_target is None:
         with torch.no_grad(), autocast:
-            teacher_target = teacher_targets(teacher_model(x).logits, topk, kl_temperature)
+            teacher_logits = teacher_model(x).logits
+        teacher_target = teacher_targets(teacher_logits, topk, kl_temperature)
+        if extra:
+            valid = y >= 0
+            terms["teacher_ce"] = F.cross_entropy(teacher_logits.float()[valid], y[valid]).item()
+            terms["agreement"] = (logits.argmax(-1) == teacher_logits.argmax(-1))[valid].float().mean().item()
     kl = kl_loss(logits, teacher_target, y >= 0, kl_temperature)
-    return kl_weight * kl + ce_weight * ce, {"kl": kl.item(), "ce": ce.item()}
+    return kl_weight * kl + ce_weight * ce, {"kl": kl.item(), "ce": ce.item(), **terms}
 
 
 @torch.no_grad()
 def evaluate():
-    """Mean stage loss on validation rows, the student's CE, and (with a teacher here) the teacher's CE and the
-    top-1 agreement of student and teacher on trained tokens."""
+    """Validation: the stage loss and its terms (with a teacher in this process also the teacher's CE and the
+    student-teacher top-1 agreement), token-weighted over all trainer ranks."""
     model.eval()
     sums, count = {}, 0.0
     for i in range(eval_batches):
         x, y = get_batch(i, 0, "val")
-        loss, terms = compute_loss(x, y, ask_teacher(x) if stage == 2 and teacher_ranks else None)
+        loss, terms = compute_loss(x, y, ask_teacher(x) if stage == 2 and teacher_ranks else None, extra=True)
         terms["loss"] = loss.item()
-        if stage == 2 and teacher_model is not None:
-            with autocast:
-                s_logits, t_logits = raw_model(x)[0], teacher_model(x).logits
-            valid = y >= 0
-            terms["teacher_ce"] = F.cross_entropy(t_logits.float()[valid], y[valid]).item()
-            terms["agreement"] = (s_logits.argmax(-1) == t_logits.argmax(-1))[valid].float().mean().item()
         n = float((y >= 0).sum()) if stage > 1 else float(y.numel())  # token-weighted, as in training
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v * n
