@@ -40,11 +40,16 @@ def check(loss, grads, ref_loss, ref_grads):
     assert rel_err(grads[worst], ref_grads[worst]) <= 1e-5, f"{worst}: {rel_err(grads[worst], ref_grads[worst]):.2e}"
 
 
-@pytest.mark.parametrize("parts", [4, 7])
-def test_state_checkpointing_equals_full_sequence(setup, parts):
+@pytest.mark.parametrize("parts, block_cp", [(4, False), (7, False), (4, True)])
+def test_state_checkpointing_equals_full_sequence(setup, parts, block_cp):
+    """block_cp: with grad_checkpointing too (each block recomputed inside each recomputed segment)."""
     model, idx, targets, ref_loss, ref_grads = setup
     segment_len = -(-T // parts)  # 7 parts: six of 37 tokens and one of 34
-    loss, grads = run(model, lambda: model.forward_segments(idx, targets, segment_len)[1])
+    model.grad_checkpointing = block_cp
+    try:
+        loss, grads = run(model, lambda: model.forward_segments(idx, targets, segment_len)[1])
+    finally:
+        model.grad_checkpointing = False
     check(loss, grads, ref_loss, ref_grads)
 
 
