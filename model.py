@@ -654,9 +654,9 @@ def load_hf_model(spec, dtype=torch.float32):
     """A causal LM from a hub id, a local directory, or a .gguf file (transformers dequantizes it; needs gguf)."""
     from transformers import AutoModelForCausalLM
     spec = str(spec)
+    if (spec.endswith(".gguf") or spec.startswith(("/", ".", "~"))) and not os.path.exists(spec):
+        raise FileNotFoundError(f"{spec} does not exist (give a hub id, a local directory or a .gguf file)")
     if spec.endswith(".gguf"):
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"teacher GGUF file {spec} does not exist")
         return AutoModelForCausalLM.from_pretrained(os.path.dirname(spec) or ".", gguf_file=os.path.basename(spec),
                                                     dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)

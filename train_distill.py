@@ -132,6 +132,14 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def load_or_exit(what, fn, *args, **kwargs):
+    """A model or tokenizer that cannot be loaded is one line naming it, not a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load the {what} ({str(e).strip().splitlines()[0]})") from None
+
+
 # --- the teacher: in this process, or on teacher ranks --------------------------------------------------------
 
 
@@ -187,13 +195,14 @@ def ask_teacher(ids):
 
 
 if is_teacher_rank:
-    teacher_model = load_hf_model(teacher or base, dtype=ptdtype).to(device).eval().requires_grad_(False)
+    teacher_model = load_or_exit("teacher", load_hf_model, teacher or base, dtype=ptdtype)
+    teacher_model = teacher_model.to(device).eval().requires_grad_(False)
     serve_teacher(teacher_model, [r for r in range(n_trainers) if n_trainers + r % teacher_ranks == rank])
     dist.destroy_process_group()
     sys.exit(0)
 
 # --- trainer ranks: data ---------------------------------------------------------------------------------------
-tok = load_tokenizer(base or init_from)  # a hybrid directory carries the tokenizer it was distilled with
+tok = load_or_exit("tokenizer", load_tokenizer, base or init_from)  # a hybrid directory carries its tokenizer
 examples = load_examples(data, tok)
 if val_data:
     train_x, train_y = pack(examples, ctx_len)
@@ -225,9 +234,10 @@ if init_from == "resume":
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
     init_from = ckpt["config"]["init_from"]
 if init_from == "teacher":
-    model = Hybrid(load_hf_model(base, dtype=torch.float32), rwkv_layers, keep_teacher_attention=stage == 1)
+    model = Hybrid(load_or_exit("base model", load_hf_model, base, dtype=torch.float32), rwkv_layers,
+                   keep_teacher_attention=stage == 1)
 else:
-    model = Hybrid.from_pretrained(init_from)
+    model = load_or_exit("hybrid", Hybrid.from_pretrained, init_from)
 if stage > 1:
     model.drop_teacher_attention()
     if untie_embeddings:
@@ -245,7 +255,8 @@ print0(f"hybrid: {len(model.rwkv_layers)} of {len(model.hf.model.layers)} layers
 
 teacher_model = None
 if stage == 2 and teacher_ranks == 0:
-    teacher_model = load_hf_model(teacher or base, dtype=ptdtype).to(device).eval().requires_grad_(False)
+    teacher_model = load_or_exit("teacher", load_hf_model, teacher or base, dtype=ptdtype)
+    teacher_model = teacher_model.to(device).eval().requires_grad_(False)
     if teacher_model.config.vocab_size != vocab_size:
         raise SystemExit(f"error: the teacher's vocabulary ({teacher_model.config.vocab_size}) differs from the "
                          f"student's ({vocab_size}); use a teacher with the same tokenizer")

@@ -14,8 +14,12 @@ import torch
 
 
 def load_tokenizer(spec):
+    """A Hugging Face tokenizer from a hub id, a local directory, or a .gguf file."""
     from transformers import AutoTokenizer
-    if str(spec).endswith(".gguf"):
+    spec = str(spec)
+    if (spec.endswith(".gguf") or spec.startswith(("/", ".", "~"))) and not os.path.exists(spec):
+        raise FileNotFoundError(f"{spec} does not exist (give a hub id, a local directory or a .gguf file)")
+    if spec.endswith(".gguf"):
         return AutoTokenizer.from_pretrained(os.path.dirname(spec) or ".", gguf_file=os.path.basename(spec))
     return AutoTokenizer.from_pretrained(spec)
 

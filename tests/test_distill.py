@@ -149,3 +149,16 @@ def test_exact_resume(tiny_teacher, chat_data, tmp_path):
     b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
     assert a["step"] == b["step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--base=/nonexistent/teacher"], "error: cannot load the tokenizer (/nonexistent/teacher does not exist"),
+    (["--learning_rat=1"], "error: unknown config key 'learning_rat' in --learning_rat=1 (did you mean 'learning_rate'?)"),
+    (["--data=/nonexistent.jsonl"], "error: data file not found: '/nonexistent.jsonl'"),
+    (["--stage=1", "--init_from=out/hybrid"], "error: stage 1 starts from the teacher"),
+])
+def test_bad_input_is_one_line(tiny_teacher, chat_data, args, message):
+    out = subprocess.run([sys.executable, "train_distill.py", "--device=cpu", f"--base={tiny_teacher}",
+                          f"--data={chat_data}", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode != 0 and len(lines) == 1 and lines[0].startswith(message), out.stderr[-2000:]
