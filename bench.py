@@ -3,6 +3,7 @@ Speed of the WKV7 implementations, measured by a script rather than by tests.
 
     python bench.py                 # the GPU table on a CUDA machine, the CPU comparison otherwise
     python bench.py --device=cpu    # chunked PyTorch WKV vs the sequential loop at B=2, T=1024, C=256
+    python bench.py --distill       # a distillation step of a SmolLM2-shaped hybrid vs the teacher's training step
     python bench.py --sweep         # GPU: also time every rows-per-block setting of the kernel (tuning)
     python bench.py --no-fla        # GPU: skip fla's chunk_rwkv7 even when it is importable
 
@@ -165,10 +166,71 @@ def bench_gpu(sweep=False, use_fla=True):
         print(f"{str(shape):<18}{name:<22}{f:>9.2f}{fb:>12.2f}{target:>8}{mem:>9.2f}{err:>13.1e}")
 
 
+def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
+    """A stage-2 distillation step of an all-RWKV SmolLM2-135M-shaped hybrid (teacher forward, KL, backward, fused
+    AdamW) against the teacher's own training step, same batch, bf16 autocast, random weights (timing only)."""
+    import transformers
+    from model import Hybrid, kl_loss, teacher_targets
+    cuda = device.startswith("cuda")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                                   num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    teacher = transformers.AutoModelForCausalLM.from_config(cfg).to(device, torch.bfloat16 if cuda else torch.float32)
+    teacher.eval().requires_grad_(False)
+    hybrid = Hybrid(transformers.AutoModelForCausalLM.from_config(cfg), "all")
+    hybrid.untie_embeddings()
+    hybrid.to(device)
+    if compile:  # what train_distill.py --compile=True does
+        for i in hybrid.rwkv_layers:
+            hybrid.hf.model.layers[i].self_attn.student.compile()
+    base = transformers.AutoModelForCausalLM.from_config(cfg).to(device)
+    x = torch.randint(0, cfg.vocab_size, (batch, ctx), device=device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    opt_h = torch.optim.AdamW(hybrid.parameters(), lr=1e-5, fused=cuda)
+    opt_t = torch.optim.AdamW(base.parameters(), lr=1e-5, fused=cuda)
+
+    def hybrid_step():
+        with autocast:
+            with torch.no_grad():
+                target = teacher_targets(teacher(x).logits, 0, 1.0)
+            loss = kl_loss(hybrid(x)[0], target, torch.ones_like(x, dtype=torch.bool), 1.0)
+        loss.backward()
+        opt_h.step()
+        opt_h.zero_grad(set_to_none=True)
+
+    def teacher_step():
+        with autocast:
+            loss = base(x, labels=x).loss
+        loss.backward()
+        opt_t.step()
+        opt_t.zero_grad(set_to_none=True)
+
+    rows = []
+    for name, step in [("hybrid stage-2 step", hybrid_step), ("teacher fwd+bwd+AdamW", teacher_step)]:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            ms = time_gpu(step, repeats=10)
+        else:  # the CPU run only checks that the code works: one warm-up, one timed step
+            step()
+            t0 = time.perf_counter()
+            step()
+            ms = (time.perf_counter() - t0) * 1000
+        rows.append((name, ms, torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")))
+    print(f"distillation step, {torch.cuda.get_device_name() if cuda else 'CPU'}, batch {batch} x {ctx}, "
+          f"{layers} layers, compile={compile}")
+    for name, ms, gb in rows:
+        print(f"{name:<24}{ms:>9.1f} ms {batch * ctx / ms * 1000:>10,.0f} tok/s {gb:>6.1f} GB")
+    print(f"ratio {rows[0][1] / rows[1][1]:.2f} (target <= 1.5)")
+
+
 if __name__ == "__main__":
     device = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--device=")), None)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
+    if "--distill" in sys.argv:  # python bench.py --distill [--no-compile]
+        bench_distill(device, compile="--no-compile" not in sys.argv and device != "cpu",
+                      **(dict(batch=1, ctx=32, layers=2) if device == "cpu" else {}))
+    elif device == "cpu":
         bench_cpu()
     else:
         bench_gpu(sweep="--sweep" in sys.argv, use_fla="--no-fla" not in sys.argv)
