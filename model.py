@@ -549,9 +549,11 @@ class RWKV(nn.Module):
                                  f"the model expects {tuple(p.shape)}")
         self.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
 
-    def save_pretrained(self, path, dtype=torch.bfloat16):
-        """Write the official layout (what the authors' tools and the `rwkv` package load), atomically."""
-        sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+    def save_pretrained(self, path, dtype=torch.bfloat16, state_dict=None):
+        """Write the official layout (what the authors' tools and the `rwkv` package load), atomically.
+        state_dict: the full state dict when the model is sharded (FSDP), else read from the model."""
+        sd = self.state_dict() if state_dict is None else state_dict
+        sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
         tmp = f"{path}.tmp"
         torch.save(sd, tmp)
         os.replace(tmp, path)

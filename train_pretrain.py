@@ -330,11 +330,8 @@ def get_lr(step):
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (every rank must take part)
 
 def save_official(sd, name):
-    """The official .pth layout (bf16, the authors' names): model.save_pretrained on a weightless twin."""
-    with torch.device('meta'):
-        twin = RWKV(raw_model.config)
-    twin.load_state_dict(sd, assign=True)
-    twin.save_pretrained(os.path.join(out_dir, name))
+    """The official .pth layout (bf16, the authors' names) from a full state dict."""
+    raw_model.save_pretrained(os.path.join(out_dir, name), state_dict=sd)
 
 def save_lora(sd, name):
     """What lora.load_lora reads: the settings and the trainable tensors (merge: python lora.py BASE LORA OUT)."""
@@ -356,7 +353,9 @@ def save_checkpoint(step, final):
         if lora_base:
             save_lora(sd, 'lora-latest.pth')
             if final:  # the merged model, in the official layout
-                torch.save(merged_state_dict(raw_model), os.path.join(out_dir, 'rwkv-latest.pth'))
+                merged = os.path.join(out_dir, 'rwkv-latest.pth')
+                torch.save(merged_state_dict(raw_model), merged + '.tmp')
+                os.replace(merged + '.tmp', merged)
         else:
             save_official(sd, 'rwkv-latest.pth')
         if final:

@@ -28,6 +28,19 @@ def world(vocab):
     return get_tokenizer("world:" + vocab)
 
 
+@pytest.fixture(scope="session")
+def shakespeare(data_dir, tmp_path_factory):
+    """tinyshakespeare prepared by data/shakespeare_char/prepare.py (train/val binidx + meta.json)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path_factory.mktemp("shakespeare_char"))
+    subprocess.run([sys.executable, "data/shakespeare_char/prepare.py",
+                    os.path.join(data_dir, "tinyshakespeare", "input.txt"), f"--out={out}"],
+                   cwd=root, check=True, capture_output=True)
+    return out
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Under CI a skipped test is a failure: CPU tests must run, GPU tests are deselected with -m "not gpu"."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import model as model_module
 from helpers import random_model, rel_err
-from test_pretrain import TINY, epoch_lines, shakespeare, train  # noqa: F401 (shakespeare is a fixture)
+from test_pretrain import TINY, epoch_lines, train
 
 T = 256
 
@@ -111,7 +111,7 @@ def test_trainer_warmup_and_exact_long_context_options(shakespeare, tmp_path):
     first = train(*cp, "--exit_step=2")
     second = train(*cp, "--init_from=resume")
     assert "resumed from" in second.stdout and ctx_lengths(first.stdout + second.stdout) == ctx_lengths(ref.stdout)
-    parts = train(f"--out_dir={tmp_path / 'parts'}", *common, "--ctx_parts=3")
+    train(f"--out_dir={tmp_path / 'parts'}", *common, "--ctx_parts=3")
     want = epoch_lines(tmp_path / "ref")
     assert len(want) == 6 and float(want[-1][1]) < float(want[0][1]) - 0.3  # it trained
     for run in ("cp", "parts"):

@@ -7,7 +7,6 @@ import torch
 from helpers import random_model, rel_err
 from lora import LoraLinear, add_lora, load_lora, lora_state_dict, merge_files, merged_state_dict, save_lora
 from model import RWKV
-from test_pretrain import shakespeare  # noqa: F401 (a fixture)
 
 V = 300
 

@@ -14,14 +14,6 @@ TINY = ['--n_layer=2', '--n_embd=64', '--ctx_len=32', '--batch_size=8', '--epoch
         '--log_interval=1', '--warmup_iters=2', '--learning_rate=3e-3', '--min_lr=3e-4']
 
 
-@pytest.fixture(scope="module")
-def shakespeare(data_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("shakespeare_char"))
-    subprocess.run([sys.executable, "data/shakespeare_char/prepare.py",
-                    os.path.join(data_dir, "tinyshakespeare", "input.txt"), f"--out={out}"],
-                   cwd=ROOT, check=True, capture_output=True)
-    return out
-
 def train(*args, launcher=(sys.executable,), ok=True):
     p = subprocess.run([*launcher, "train_pretrain.py", "config/shakespeare_char.py", *args],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
