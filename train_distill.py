@@ -217,13 +217,18 @@ print0(f"data: {train_x.shape[0]} train rows, {val_x.shape[0]} val rows of {ctx_
        f"{int((train_y >= 0).sum())} trained tokens; {global_batch * grad_accum * ctx_len} tokens per step")
 
 
+_perm_cache = {}
+
+
 def get_batch(step, micro, split="train"):
     """Rows for this rank, a deterministic function of (step, micro): resuming at a step replays the same data."""
     x, y = (train_x, train_y) if split == "train" else (val_x, val_y)
     per_epoch = max(1, x.shape[0] // global_batch)
     draw = step * grad_accum + micro
     epoch, i = divmod(draw, per_epoch)
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
+    if _perm_cache.get(split, (None,))[0] != epoch:  # one shuffle per epoch, not per step
+        _perm_cache[split] = (epoch, torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + epoch)))
+    perm = _perm_cache[split][1]
     rows = perm[(i * global_batch + rank * batch_size + torch.arange(batch_size)) % x.shape[0]]
     return x[rows].to(device), y[rows].to(device)
 
