@@ -61,6 +61,7 @@ teacher_timeout = 600  # seconds a trainer waits for its teacher rank before giv
 data = ""  # .jsonl (chat 'messages', 'text', or GSM8K/Alpaca fields), .json list, .txt
 val_data = ""  # '' = hold out val_fraction of `data`
 val_fraction = 0.05
+data_cache = "~/.cache/nano-rwkv7/tokens"  # tokenised data kept here between runs and stages ('' = off)
 ctx_len = 512
 batch_size = 8  # sequences per trainer rank per micro-step
 grad_accum = 1
@@ -203,10 +204,10 @@ if is_teacher_rank:
 
 # --- trainer ranks: data ---------------------------------------------------------------------------------------
 tok = load_or_exit("tokenizer", load_tokenizer, base or init_from)  # a hybrid directory carries its tokenizer
-examples = load_examples(data, tok)
+examples = load_examples(data, tok, data_cache)
 if val_data:
     train_x, train_y = pack(examples, ctx_len)
-    val_x, val_y = pack(load_examples(val_data, tok), ctx_len)
+    val_x, val_y = pack(load_examples(val_data, tok, data_cache), ctx_len)
 else:  # hold out whole examples, shuffled with a fixed seed
     order = np.random.default_rng(0).permutation(len(examples))
     n_val = max(1, int(len(examples) * val_fraction))

@@ -8,6 +8,7 @@ trains on every token and ends with EOS.
 """
 import json
 import os
+import zlib
 
 import numpy as np
 import torch
@@ -53,36 +54,71 @@ def render_chat(messages, tok):
     return ids, mask
 
 
-def load_examples(path, tok):
-    """[(ids, mask)] from a .jsonl/.json/.txt file. Plain text trains on every token and ends with EOS."""
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            records = [{"text": f.read()}]
-    elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    else:
-        with open(path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    examples = []
-    for r in records:
+def read_records(path):
+    """The records of a .jsonl / .json list / .txt (one {'text'} record) file."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".txt"):
+            return [{"text": f.read()}]
+        if path.endswith(".json"):
+            return json.load(f)
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def tokenize_records(records, tok, path=""):
+    """[(ids, mask)] for chat/task/text records; plain text is encoded in one batched call (the fast tokenizer
+    spreads it over threads) and trains on every token, ending with EOS."""
+    examples, texts = [], []
+    for i, r in enumerate(records):
         messages = as_messages(r)
         if messages is not None:
             examples.append(render_chat(messages, tok))
         elif "text" in r:
-            ids = tok.encode(r["text"], add_special_tokens=False) + [tok.eos_token_id]
-            examples.append((ids, [1] * len(ids)))
+            examples.append(None)
+            texts.append((i, r["text"]))
         else:
             raise ValueError(f"{path}: a record has none of messages/text/question+answer/instruction+output: "
                              f"{sorted(r)[:6]}")
+    if texts:
+        encoded = tok([t for _, t in texts], add_special_tokens=False)["input_ids"]
+        for (i, _), ids in zip(texts, encoded):
+            examples[i] = (ids + [tok.eos_token_id], [1] * (len(ids) + 1))
+    return examples
+
+
+def load_examples(path, tok, cache_dir=""):
+    """[(ids, mask)] (numpy arrays) from a .jsonl/.json/.txt file. Rendering and tokenising a large file takes
+    minutes, so with a cache_dir the result is kept there, under a key covering the file (path, size, time) and the
+    tokenizer (vocabulary, special tokens, chat template): a changed file or tokenizer makes a new entry."""
+    st = os.stat(path)
+    ident = [os.path.abspath(path), st.st_size, st.st_mtime_ns, len(tok), tok.eos_token_id,
+             getattr(tok, "chat_template", None),
+             tok.convert_ids_to_tokens(list(range(0, len(tok), max(1, len(tok) // 257))))]
+    cache = bool(cache_dir)
+    cache_file = os.path.join(os.path.expanduser(cache_dir), f"{os.path.basename(path)}."
+                              f"{zlib.crc32(json.dumps(ident, default=str).encode()):08x}.tokens.npz")
+    if cache and os.path.exists(cache_file):
+        z = np.load(cache_file)
+        ids, mask, bounds = z["ids"], z["mask"], np.cumsum(np.concatenate([[0], z["lengths"]]))
+        return [(ids[a:b], mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    examples = tokenize_records(read_records(path), tok, path)
+    examples = [(np.asarray(i, dtype=np.int32), np.asarray(m, dtype=np.uint8)) for i, m in examples]
+    if cache:
+        try:
+            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+            with open(cache_file + ".tmp", "wb") as f:
+                np.savez(f, ids=np.concatenate([e[0] for e in examples]), mask=np.concatenate([e[1] for e in examples]),
+                         lengths=np.array([len(e[0]) for e in examples], dtype=np.int64))
+            os.replace(cache_file + ".tmp", cache_file)
+        except OSError:  # an unwritable cache folder: tokenise again next time
+            pass
     return examples
 
 
 def pack(examples, ctx_len):
     """Concatenate examples into one stream and cut it into rows of ctx_len + 1 tokens: x = row[:-1], and the
     targets row[1:] are -1 wherever the target token is not trained on."""
-    ids = np.fromiter((t for e in examples for t in e[0]), dtype=np.int64)
-    mask = np.fromiter((m for e in examples for m in e[1]), dtype=np.int64)
+    ids = np.concatenate([np.asarray(e[0], dtype=np.int64) for e in examples])
+    mask = np.concatenate([np.asarray(e[1], dtype=np.int64) for e in examples])
     n = (len(ids) - 1) // ctx_len
     if n < 1:
         raise ValueError(f"the data has {len(ids)} tokens, fewer than ctx_len + 1 = {ctx_len + 1}")

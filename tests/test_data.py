@@ -190,3 +190,43 @@ def test_generic_prepare_jsonl(data_dir, vocab, world, tmp_path):
     assert sorted(decoded) == sorted(texts)  # every document once, nothing lost
     assert decoded != texts  # and shuffled
     assert train.num_tokens == sum(len(world.encode(t)) + 1 for t in decoded[9:])
+
+
+def test_load_examples_cache(data_dir, tmp_path):
+    """Tokenised data comes back from the cache equal to a fresh tokenisation; a changed file is tokenised again."""
+    from data.chat import load_examples, load_tokenizer
+    tok = load_tokenizer(os.path.join(data_dir, "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    path = tmp_path / "mix.jsonl"
+    records = [{"question": "What is 2+3?", "answer": "2+3 = 5\n#### 5"}, {"text": "Plain text trains on every token."},
+               {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    fresh = load_examples(str(path), tok)
+    first = load_examples(str(path), tok, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    cached = load_examples(str(path), tok, tmp_path / "cache")
+    for a, b, c in zip(fresh, first, cached):
+        assert list(a[0]) == list(b[0]) == list(c[0]) and list(a[1]) == list(b[1]) == list(c[1])
+    assert list(fresh[1][0]) == tok.encode(records[1]["text"], add_special_tokens=False) + [tok.eos_token_id]
+    assert fresh[1][1].all() and 0 < fresh[0][1].sum() < len(fresh[0][1])  # text: all tokens; chat: the answer
+    path.write_text("\n".join(json.dumps(r) for r in records[:2]) + "\n")
+    assert len(load_examples(str(path), tok, tmp_path / "cache")) == 2
+
+
+def test_prepare_local_text_split_and_holdout(tmp_path):
+    """data/distill/prepare.py on a folder of text files: long files cut at blank lines, a hashed file subset held
+    out whole, excluded paths skipped."""
+    src = tmp_path / "docs"
+    src.mkdir()
+    for i in range(20):
+        (src / f"doc{i}.txt").write_text("\n\n".join(f"paragraph {j} of file {i} " + "word " * 60 for j in range(12)))
+    (src / "skip_me.txt").write_text("x " * 500)
+    out = tmp_path / "train.jsonl"
+    subprocess.run([sys.executable, "data/distill/prepare.py", f"--source={src}", f"--out={out}", "--exclude=skip_me",
+                    "--split_chars=1000", "--holdout=0.3", f"--holdout_out={tmp_path / 'held.jsonl'}"],
+                   check=True, cwd=ROOT)
+    train = [json.loads(line)["text"] for line in out.open()]
+    held = [json.loads(line)["text"] for line in (tmp_path / "held.jsonl").open()]
+    file_of = lambda t: t.split(" of file ")[1].split()[0]  # noqa: E731
+    assert held and train and not {file_of(t) for t in train} & {file_of(t) for t in held}
+    assert all(len(t) < 1000 + 400 for t in train + held) and len(train) + len(held) >= 20 * 3
+    assert not any("x x x" in t for t in train + held)
