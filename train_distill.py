@@ -77,7 +77,8 @@ grad_clip = 1.0
 # logging, eval, saving
 log_interval = 10
 eval_interval = 200
-eval_batches = 8
+eval_batches = 8  # batches of distinct validation rows (up to val rows / global batch)
+eval_only = False  # evaluate once and exit; in stage 2 with val_data=held-out text: student vs teacher perplexity
 save_interval = 500
 wandb_log = False
 wandb_project = "nano-rwkv7-distill"
@@ -96,7 +97,9 @@ with exit_on_config_error():
     check(stage in (1, 2, 3), f"stage must be 1, 2 or 3, got {stage}")
     check(init_from != "teacher" or base, "init_from='teacher' needs base= (hub id, directory or .gguf file)")
     check(stage != 1 or init_from in ("teacher", "resume"), "stage 1 starts from the teacher (init_from='teacher')")
-    check(data and (os.path.exists(data)), f"data file not found: {data!r} (set data=path/to/file.jsonl)")
+    check((data and os.path.exists(data)) or (eval_only and val_data), f"data file not found: {data!r} (set "
+          "data=path/to/file.jsonl)")
+    check(not val_data or os.path.exists(val_data), f"val_data file not found: {val_data!r}")
     check(warmup_steps < max_steps, f"warmup_steps ({warmup_steps}) must be smaller than max_steps ({max_steps})")
     check(topk >= 0 and teacher_ranks >= 0 and ctx_len > 0 and batch_size > 0, "topk, teacher_ranks, ctx_len and "
           "batch_size must be positive")
@@ -204,11 +207,11 @@ if is_teacher_rank:
 
 # --- trainer ranks: data ---------------------------------------------------------------------------------------
 tok = load_or_exit("tokenizer", load_tokenizer, base or init_from)  # a hybrid directory carries its tokenizer
-examples = load_examples(data, tok, data_cache)
 if val_data:
-    train_x, train_y = pack(examples, ctx_len)
     val_x, val_y = pack(load_examples(val_data, tok, data_cache), ctx_len)
+    train_x, train_y = pack(load_examples(data, tok, data_cache), ctx_len) if data else (val_x, val_y)
 else:  # hold out whole examples, shuffled with a fixed seed
+    examples = load_examples(data, tok, data_cache)
     order = np.random.default_rng(0).permutation(len(examples))
     n_val = max(1, int(len(examples) * val_fraction))
     val_x, val_y = pack([examples[i] for i in order[:n_val]], ctx_len)
@@ -343,7 +346,7 @@ def evaluate():
     vals = torch.tensor(list(sums.values()) + [count], device=device, dtype=torch.float64)
     if distributed:
         dist.all_reduce(vals, group=trainer_group)
-    return dict(zip(sums, (vals[:-1] / vals[-1].clamp_min(1)).tolist()))
+    return {**dict(zip(sums, (vals[:-1] / vals[-1].clamp_min(1)).tolist())), "tokens": vals[-1].item()}
 
 
 def save():
@@ -385,11 +388,19 @@ if progress_bar and master and sys.stderr.isatty():
     from tqdm import tqdm
     bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True)
 
+if eval_only:
+    ev = evaluate()
+    print0(f"eval | {int(ev.pop('tokens'))} tokens | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+    if "teacher_ce" in ev:
+        print0(f"eval | student ppl {math.exp(ev['ce']):.3f} | teacher ppl {math.exp(ev['teacher_ce']):.3f} | ratio "
+               f"{math.exp(ev['ce'] - ev['teacher_ce']):.3f} | top-1 agreement {ev['agreement']:.3f}")
+    sys.exit(0)
 model.train()
 bad_steps, t0, tokens_seen = 0, time.time(), 0
 while step < max_steps and not stop_requested and not (exit_step and step >= exit_step):
     if step % eval_interval == 0 or step == max_steps - 1:
         ev = evaluate()
+        ev.pop("tokens")
         line = f"step {step} | val " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items())
         print0(line)
         if master:
