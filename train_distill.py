@@ -77,7 +77,7 @@ grad_clip = 1.0
 # logging, eval, saving
 log_interval = 10
 eval_interval = 200
-eval_batches = 8  # batches of distinct validation rows (up to val rows / global batch)
+eval_batches = 8  # validation batches: the first eval_batches x global batch validation rows
 eval_only = False  # evaluate once and exit; in stage 2 with val_data=held-out text: student vs teacher perplexity
 save_interval = 500
 wandb_log = False
@@ -226,7 +226,10 @@ _perm_cache = {}
 
 def get_batch(step, micro, split="train"):
     """Rows for this rank, a deterministic function of (step, micro): resuming at a step replays the same data."""
-    x, y = (train_x, train_y) if split == "train" else (val_x, val_y)
+    if split == "val":  # validation rows in order: the first eval_batches x global batch rows, every time
+        rows = (step * global_batch + rank * batch_size + torch.arange(batch_size)) % val_x.shape[0]
+        return val_x[rows].to(device), val_y[rows].to(device)
+    x, y = train_x, train_y
     per_epoch = max(1, x.shape[0] // global_batch)
     draw = step * grad_accum + micro
     epoch, i = divmod(draw, per_epoch)
