@@ -18,6 +18,7 @@ gives the same logits as the text processed at once, and decoding is `model(next
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -841,6 +842,12 @@ class Hybrid(nn.Module):
         tmp = os.path.join(out_dir, "model.safetensors.tmp")
         save_file(sd, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+        # the code that reads the directory goes with it (this file needs only torch, transformers and safetensors),
+        # so others load it without this repository: sys.path.insert(0, d); from model import Hybrid
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in ("model.py", "wkv7.cu", "wkv7_hip.cpp"):
+            if os.path.abspath(out_dir) != here:
+                shutil.copyfile(os.path.join(here, name), os.path.join(out_dir, name))
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, wkv_impl="auto"):

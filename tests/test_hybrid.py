@@ -1,5 +1,8 @@
 """The hybrid wrapper: a tiny random Qwen2 (q/k/v biases, GQA, tied embeddings) with attention layers replaced."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,3 +102,12 @@ def test_save_load_identical(teacher, tmp_path):
     with pytest.raises(ValueError, match="not a hybrid directory"):
         Hybrid.from_pretrained(tmp_path)
     assert isinstance(hybrid(idx)[2], HybridState)
+    # the directory carries its own model.py: it loads in a fresh interpreter outside this repository
+    torch.save(idx, tmp_path / "idx.pt")
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from model import Hybrid; "
+            "m = Hybrid.from_pretrained(sys.argv[1]).eval(); idx = torch.load(sys.argv[2]); "
+            "torch.save(m(idx)[0].detach(), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "h"), str(tmp_path / "idx.pt"),
+                    str(tmp_path / "out.pt")], check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "out.pt"), hybrid(idx)[0])
