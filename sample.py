@@ -404,7 +404,10 @@ if __name__ == '__main__':
     model.eval().to(device)
     with exit_on_config_error():
         check(not cuda_graph or isinstance(model, RWKV), "cuda_graph=True is for RWKV models (not hybrids) for now")
-    if compile:
+    if compile and cuda_graph:  # the graph replays forward_step, which calls the blocks: compile those in place,
+        for block in model.blocks:  # so the captured step runs fused kernels
+            block.compile()
+    elif compile:
         model = torch.compile(model)
     settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty, penalty_decay=penalty_decay, token_weight=penalty_weight(tok),
