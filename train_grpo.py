@@ -46,6 +46,7 @@ from sample import cat_states, decodable, encode, expand_state, graphed_step, lo
 out_dir = "out-grpo"
 init_from = ""  # .pth, a directory with ckpt.pt, a hybrid directory, an HF hub id / directory / .gguf; 'resume'
 tokenizer = ""  # '' = the checkpoint's own; or world:vocab.txt, char:meta.json, hf:<dir>, ...
+hf_rwkv_layers = "none"  # an HF init_from with these layers replaced by fresh RWKV-7 time-mixers (speed benchmarks)
 train_prompts = ""  # .jsonl of {"prompt", "answer"} (data/grpo/prepare.py)
 eval_prompts = ""  # held-out prompts for the greedy evaluation; '' = none
 prompt_format = "auto"  # 'raw' (as is), 'rwkv' ("User: ...\n\nAssistant:"), 'chat' (the tokenizer's template), 'auto'
@@ -294,7 +295,7 @@ class HFTok:
         return self.tok.decode([int(i) for i in ids])
 
 
-def load_policy(spec, tok_spec=""):
+def load_policy(spec, tok_spec="", rwkv_layers="none"):
     """-> (model, tokenizer, kind): kind 'rwkv' for .pth / ckpt.pt directories, 'hybrid' for hybrid directories and
     HF models (an HF model is a hybrid with no RWKV layer: its own attention, bit for bit)."""
     from data.chat import load_tokenizer
@@ -308,7 +309,7 @@ def load_policy(spec, tok_spec=""):
                              f"hf:<dir>)")
         tok = get_tokenizer(tok_spec or own)
         return model, tok, kind
-    model = Hybrid(load_hf_model(spec), "none")
+    model = Hybrid(load_hf_model(spec), rwkv_layers)
     tok = get_tokenizer(tok_spec) if tok_spec else HFTok(load_tokenizer(spec), f"hf:{spec}")
     return model, tok, "hybrid"
 
@@ -318,8 +319,11 @@ if __name__ == "__main__":
     with exit_on_config_error():
         config = configure(globals(), sys.argv[1:])
         check(init_from, "set init_from= (a .pth, a checkpoint or hybrid directory, an HF model, or 'resume')")
-        reward_fns = parse_rewards(rewards) if isinstance(rewards, str) else None
-        check(reward_fns, "rewards must be a string like 'gsm8k:1.0,format:0.2'")
+        check(isinstance(rewards, str), "rewards must be a string like 'gsm8k:1.0,format:0.2'")
+        try:
+            reward_fns = parse_rewards(rewards)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         eval_reward = eval_reward or reward_fns[0][0]
         check(eval_reward in [n for n, _, _ in reward_fns] or eval_reward in ("arith", "gsm8k", "format"),
               f"eval_reward {eval_reward!r} is not a known reward")
@@ -376,8 +380,9 @@ if __name__ == "__main__":
             sys.exit(f"error: init_from='resume' but there is no {path}")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     policy_spec = ckpt["config"]["init_from"] if ckpt else init_from
+    hf_rwkv_layers = ckpt["config"].get("hf_rwkv_layers", "none") if ckpt else hf_rwkv_layers
     try:
-        model, tok, kind = load_policy(policy_spec, tokenizer)
+        model, tok, kind = load_policy(policy_spec, tokenizer, hf_rwkv_layers)
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load init_from={policy_spec!r} ({str(e).strip().splitlines()[0]})")
     ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(device) if beta > 0 else None
@@ -386,6 +391,7 @@ if __name__ == "__main__":
     model.to(device)
     n_valid = decodable(tok, model.config.vocab_size)
     config["tokenizer"] = tok.name  # sample.load_model reads it from ckpt.pt
+    config["init_from"] = policy_spec  # (also after a resume: the model a later resume rebuilds, then overwrites)
     print0(f"policy {policy_spec} ({kind}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
            f"tokenizer {tok.name}, {world} rank(s), device {device}")
 
