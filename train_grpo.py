@@ -96,6 +96,8 @@ dtype = "auto"  # 'auto' = bf16 autocast on CUDA, fp32 on CPU; 'float32'
 seed = 1337
 benchmark_rollouts = False  # time our rollouts against HF generate (G = 8 and 64, 256 tokens) and exit
 benchmark_hf = ""  # the HF model for generate (hub id, dir, .gguf); '' = init_from
+benchmark_groups = [8, 64]  # G values to time
+benchmark_new_tokens = 256
 # -----------------------------------------------------------------------------
 
 
@@ -341,7 +343,7 @@ if __name__ == "__main__":
         check(dtype in ("auto", "float32"), f"dtype must be 'auto' or 'float32', got {dtype!r}")
         try:
             train_set = load_prompts(train_prompts) if not benchmark_rollouts or train_prompts else None
-            eval_set = load_prompts(eval_prompts) if eval_prompts else []
+            eval_set = load_prompts(eval_prompts) if eval_prompts and not benchmark_rollouts else []
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if eval_max_prompts:
@@ -406,10 +408,10 @@ if __name__ == "__main__":
         ids = encode_prompt(text)
         model.eval()
         rows = []
-        for G in (8, 64):
+        for G in benchmark_groups:
             for who in ("ours", "hf"):
                 for measured in (False, True):  # a short warm-up, then the timed run
-                    n_new = 256 if measured else 8
+                    n_new = benchmark_new_tokens if measured else 8
                     if use_cuda:
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
@@ -421,18 +423,19 @@ if __name__ == "__main__":
                                 cuda_graph and kind == "rwkv", autocast)
                     else:
                         x = torch.tensor([ids], device=device)
-                        hf.generate(x, attention_mask=torch.ones_like(x), do_sample=True, num_return_sequences=G,
-                                    max_new_tokens=n_new, min_new_tokens=n_new, use_cache=True,
-                                    temperature=temperature or 1.0, top_p=top_p, top_k=0)
+                        with torch.no_grad():
+                            hf.generate(x, attention_mask=torch.ones_like(x), do_sample=True, num_return_sequences=G,
+                                        max_new_tokens=n_new, min_new_tokens=n_new, use_cache=True,
+                                        temperature=temperature or 1.0, top_p=top_p, top_k=0)
                     if use_cuda:
                         torch.cuda.synchronize()
                     dt = time.perf_counter() - t0
-                if measured:
-                    rows.append((G, who, G * 256 / dt, dt))
-        print0(f"rollout benchmark: {policy_spec} vs HF generate ({benchmark_hf or init_from}), prompt {len(ids)} "
-               f"tokens, 256 new tokens, {device}")
-        print0(f"| G | ours tok/s | HF generate tok/s | ratio |\n|---|---|---|---|")
-        for G in (8, 64):
+                rows.append((G, who, G * n_new / dt))
+        print0(f"rollout benchmark: ours = {policy_spec} ({kind}), HF generate = {benchmark_hf or init_from}; prompt "
+               f"{len(ids)} tokens, {benchmark_new_tokens} new tokens per sample, {device}, "
+               f"{'bf16 autocast' if use_cuda and dtype == 'auto' else 'fp32'}, cuda_graph={cuda_graph}")
+        print0("| G | ours, new tok/s | HF generate (KV cache), new tok/s | ours / HF |\n|---|---|---|---|")
+        for G in benchmark_groups:
             ours, theirs = [r[2] for r in rows if r[0] == G]
             print0(f"| {G} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f}x |")
         sys.exit(0)

@@ -247,6 +247,7 @@ def eval_accuracies(stdout):
     return [float(m) for m in re.findall(r"eval arith accuracy ([\d.]+)", stdout)]
 
 
+@pytest.mark.slow
 def test_grpo_raises_heldout_greedy_accuracy(arith, tmp_path):
     r = grpo("config/grpo_arith_tiny.py", f"--init_from={arith}/sft", f"--train_prompts={arith}/train.jsonl",
              f"--eval_prompts={arith}/test.jsonl", f"--out_dir={tmp_path}")
