@@ -94,6 +94,7 @@ progress_bar = True
 device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # 'auto' = bf16 autocast on CUDA, fp32 on CPU; 'float32'
 seed = 1337
+wkv_impl = "auto"  # 'auto' (the CUDA kernel on GPU, head size 64), 'kernel' or 'torch' (any head size)
 benchmark_rollouts = False  # time our rollouts against HF generate (G = 8 and 64, 256 tokens) and exit
 benchmark_hf = ""  # the HF model for generate (hub id, dir, .gguf); '' = init_from
 benchmark_groups = [8, 64]  # G values to time
@@ -207,7 +208,8 @@ def decode(model, logits, state, max_new_tokens, gens, tok, temperature=1.0, top
     ids, logps = [[] for _ in range(B)], [[] for _ in range(B)]
     done, truncated = [False] * B, [True] * B
     window = max([len(s) for s in stop] + [1]) + 4  # tokens of text to search for a stop string (>= 1 char each)
-    step = graphed_step(model, state) if cuda_graph else None
+    with autocast:  # the graph records the kernels of the precision it is captured in
+        step = graphed_step(model, state) if cuda_graph else None
     for _ in range(max_new_tokens):
         logits = logits.float() + ban
         tokens = sample(logits, gens, temperature, top_p)
@@ -297,21 +299,21 @@ class HFTok:
         return self.tok.decode([int(i) for i in ids])
 
 
-def load_policy(spec, tok_spec="", rwkv_layers="none"):
+def load_policy(spec, tok_spec="", rwkv_layers="none", wkv_impl="auto"):
     """-> (model, tokenizer, kind): kind 'rwkv' for .pth / ckpt.pt directories, 'hybrid' for hybrid directories and
     HF models (an HF model is a hybrid with no RWKV layer: its own attention, bit for bit)."""
     from data.chat import load_tokenizer
     is_ours = spec.endswith(".pth") or os.path.isfile(os.path.join(spec, "ckpt.pt")) or \
         os.path.isfile(os.path.join(spec, "hybrid.json"))
     if is_ours:
-        model, own = load_model(spec)
+        model, own = load_model(spec, wkv_impl=wkv_impl)
         kind = "hybrid" if isinstance(model, Hybrid) else "rwkv"
         if not (tok_spec or own):
             raise ValueError(f"{spec} does not name its tokenizer: set tokenizer= (world:vocab.txt, char:meta.json, "
                              f"hf:<dir>)")
         tok = get_tokenizer(tok_spec or own)
         return model, tok, kind
-    model = Hybrid(load_hf_model(spec), rwkv_layers)
+    model = Hybrid(load_hf_model(spec), rwkv_layers, wkv_impl=wkv_impl)
     tok = get_tokenizer(tok_spec) if tok_spec else HFTok(load_tokenizer(spec), f"hf:{spec}")
     return model, tok, "hybrid"
 
@@ -384,7 +386,7 @@ if __name__ == "__main__":
     policy_spec = ckpt["config"]["init_from"] if ckpt else init_from
     hf_rwkv_layers = ckpt["config"].get("hf_rwkv_layers", "none") if ckpt else hf_rwkv_layers
     try:
-        model, tok, kind = load_policy(policy_spec, tokenizer, hf_rwkv_layers)
+        model, tok, kind = load_policy(policy_spec, tokenizer, hf_rwkv_layers, wkv_impl)
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load init_from={policy_spec!r} ({str(e).strip().splitlines()[0]})")
     ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(device) if beta > 0 else None
@@ -617,7 +619,7 @@ if __name__ == "__main__":
                 for p in params:
                     p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
                     offset += p.numel()
-            if train_rows or distributed:
+            if n_seq > 0:  # (over all ranks; Adam would still move the weights on zero gradients)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 if math.isfinite(grad_norm.item()):
                     optimizer.step()

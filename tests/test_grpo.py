@@ -292,3 +292,23 @@ def test_ddp_equals_one_process(arith, tmp_path):
     moved = max((a[k] - torch.load(f"{arith}/sft/ckpt.pt", weights_only=False)["model"][k]).abs().max().item()
                 for k in a)
     assert moved > 0  # the steps did train
+
+
+def test_ctrl_c_saves(arith, tmp_path):
+    import signal
+    import time
+    cmd = [sys.executable, "train_grpo.py", "config/grpo_arith_tiny.py", f"--init_from={arith}/sft",
+           f"--train_prompts={arith}/train.jsonl", "--eval_prompts=", "--max_steps=10000", "--log_interval=1",
+           "--prompts_per_step=4", f"--out_dir={tmp_path}"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the third logged step
+        line = p.stdout.readline()
+        if line.startswith("step 3/"):
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert "stopped at step" in out and 3 <= ckpt["step"] < 10000
