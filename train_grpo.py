@@ -35,9 +35,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from configurator import ConfigError, check, configure, exit_on_config_error
-from data.grpo.tasks import load_prompts, parse_rewards
+from data.grpo.tasks import REWARDS, load_prompts, parse_rewards
 from data.tokenizers import get_tokenizer
-from model import RWKV, Hybrid, HybridState, load_hf_model
+from model import Hybrid, HybridState, load_hf_model
 from sample import cat_states, decodable, encode, expand_state, graphed_step, load_model, prefill, sample
 
 # -----------------------------------------------------------------------------
@@ -329,8 +329,7 @@ if __name__ == "__main__":
         except ValueError as e:
             raise ConfigError(str(e)) from None
         eval_reward = eval_reward or reward_fns[0][0]
-        check(eval_reward in [n for n, _, _ in reward_fns] or eval_reward in ("arith", "gsm8k", "format"),
-              f"eval_reward {eval_reward!r} is not a known reward")
+        check(eval_reward in REWARDS, f"eval_reward {eval_reward!r} is not a reward: choose from {', '.join(REWARDS)}")
         check(loss_type in ("token", "sequence", "dr_grpo"), f"loss_type must be 'token', 'sequence' or 'dr_grpo', "
               f"got {loss_type!r}")
         check(prompt_format in ("auto", "raw", "rwkv", "chat"), f"prompt_format must be auto, raw, rwkv or chat, "
@@ -351,7 +350,6 @@ if __name__ == "__main__":
         if eval_max_prompts:
             eval_set = eval_set[:eval_max_prompts]
     reward_weights = {n: w for n, _, w in reward_fns}
-    from data.grpo.tasks import REWARDS
 
     # --- distributed setup -------------------------------------------------------------------------------------
     distributed = "RANK" in os.environ

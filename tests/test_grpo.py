@@ -1,7 +1,6 @@
 """GRPO (train_grpo.py): the objective against hand-computed numbers, rollouts from cloned recurrent states, log-probs
 of the parallel forward vs sampling time (RWKV and a hybrid), rewards, bad input, and the CPU demo: a tiny RWKV-7
 trained supervised on 1-2 digit addition, then GRPO raises its held-out greedy accuracy by >= 15 points."""
-import copy
 import json
 import math
 import os
