@@ -114,10 +114,14 @@ def expand_state(state, n):
 
 def cat_states(states):
     """The states of separately prefilled prompts stacked into one batch."""
-    if isinstance(states[0], HybridState):  # attention caches of different lengths do not stack
-        if len(states) > 1:
-            raise ValueError("batched prompts (prompts_file) need an RWKV-only model; a hybrid takes one prompt")
-        return states[0]
+    if isinstance(states[0], HybridState):  # attention caches stack only when the prompts have equal lengths
+        if len({s.length for s in states}) > 1:
+            raise ValueError("batched prompts (prompts_file) on a hybrid need equal token lengths (their KV caches "
+                             "must match); use an RWKV-only model or one prompt")
+        first = states[0]
+        return HybridState(first.length,
+                           {i: tuple(map(torch.cat, zip(*(s.rwkv[i] for s in states)))) for i in first.rwkv},
+                           {i: tuple(map(torch.cat, zip(*(s.kv[i] for s in states)))) for i in first.kv})
     return [tuple(torch.cat(ts) for ts in zip(*layers)) for layers in zip(*states)]
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from configurator import ConfigError, check, configure, exit_on_config_error
 from data.grpo.tasks import REWARDS, load_prompts, parse_rewards
 from data.tokenizers import get_tokenizer
-from model import Hybrid, HybridState, load_hf_model
+from model import Hybrid, load_hf_model
 from sample import cat_states, decodable, encode, expand_state, graphed_step, load_model, prefill, sample
 
 # -----------------------------------------------------------------------------
@@ -187,14 +187,6 @@ def format_prompt(tok, text, fmt, system=""):
     return tok.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def cat_hybrid_states(states):
-    """HybridStates of prompts with the same length stacked into one batch (equal KV cache lengths)."""
-    first = states[0]
-    return HybridState(first.length, {i: tuple(torch.cat([s.rwkv[i][j] for s in states]) for j in range(2))
-                                      for i in first.rwkv},
-                       {i: tuple(torch.cat([s.kv[i][j] for s in states]) for j in range(2)) for i in first.kv})
-
-
 @torch.no_grad()
 def decode(model, logits, state, max_new_tokens, gens, tok, temperature=1.0, top_p=1.0, stop=(), n_valid=None,
            cuda_graph=False, autocast=nullcontext()):
@@ -254,7 +246,7 @@ def rollout(model, prompt_ids, G, max_new_tokens, gens, tok, temperature=1.0, to
             prefilled = [prefill(model, prompt_ids[p]) for p in batch]
         logits = torch.cat([l for l, _ in prefilled]).repeat_interleave(G, dim=0)
         states = [s for _, s in prefilled]
-        state = expand_state(cat_hybrid_states(states) if hybrid else cat_states(states), G)
+        state = expand_state(cat_states(states), G)
         row_ids = [p * G + g for p in batch for g in range(G)]
         out = decode(model, logits, state, max_new_tokens, [gens[r] for r in row_ids], tok, temperature, top_p,
                      stop, n_valid, cuda_graph and not hybrid, autocast)
