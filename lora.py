@@ -13,6 +13,7 @@ w0/a0/v0/k_k/k_a/r_k and the built-in decay/a/v/gate low-rank matrices in full, 
 in full (not ln_out). Embedding, head and ln_out stay frozen.
 """
 import math
+import os
 import sys
 
 import torch
@@ -79,7 +80,8 @@ def lora_state_dict(model):
 
 
 def save_lora(model, path):
-    torch.save(dict(lora_config=model.lora_config, weights=lora_state_dict(model)), path)
+    torch.save(dict(lora_config=model.lora_config, weights=lora_state_dict(model)), f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 def load_lora(model, path_or_ckpt):
@@ -99,23 +101,30 @@ def load_lora(model, path_or_ckpt):
 
 
 @torch.no_grad()
-def merged_state_dict(model, dtype=torch.bfloat16):
-    """The official layout with every W replaced by W + alpha/r * B @ A (computed in fp32); lora_* dropped."""
-    sd = {}
-    for name, t in model.state_dict().items():
+def merge_state_dict(sd, scale, dtype=torch.bfloat16):
+    """A full state dict with LoRA tensors -> the official layout: every W with a W.lora_A/B pair becomes
+    W + scale * B @ A (computed in fp32, scale = alpha / r); lora_* dropped. Works on a gathered FSDP state dict."""
+    out = {}
+    for name, t in sd.items():
         if ".lora_" in name:
             continue
-        mod = model.get_submodule(name.rsplit(".", 1)[0])
-        if isinstance(mod, LoraLinear) and name.endswith(".weight"):
-            t = t.float() + (mod.lora_B.float() @ mod.lora_A.float()) * mod.lora_scale
-        sd[name] = t.detach().to("cpu", dtype).contiguous()
-    return sd
+        prefix = name[:-len("weight")]
+        if name.endswith(".weight") and prefix + "lora_A" in sd:
+            t = t.float() + (sd[prefix + "lora_B"].float() @ sd[prefix + "lora_A"].float()) * scale
+        out[name] = t.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def merged_state_dict(model, dtype=torch.bfloat16):
+    """The merged official layout of a model that has add_lora's LoRA."""
+    return merge_state_dict(model.state_dict(), model.lora_config["alpha"] / model.lora_config["r"], dtype)
 
 
 def merge_files(base_path, lora_path, out_path, dtype=torch.bfloat16):
     from model import RWKV
     model = load_lora(RWKV.from_pretrained(base_path), lora_path)
-    torch.save(merged_state_dict(model, dtype), out_path)
+    torch.save(merged_state_dict(model, dtype), f"{out_path}.tmp")
+    os.replace(f"{out_path}.tmp", out_path)
 
 
 if __name__ == "__main__":
