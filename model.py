@@ -572,28 +572,40 @@ class RWKV(nn.Module):
         Gradients flow into the previous segment's state (full backpropagation through time), and the loss and its
         gradient equal forward(idx, targets)'s: the token-weighted mean cross-entropy over the whole sequence, with
         L2Wrap's 1e-4 / (B*T) for the whole T. Returns (None, loss, new state): no logits are kept."""
-        B, T = idx.shape
-        n_total = (targets != -1).sum()  # the mean's denominator, known before any segment runs
+        def step(idx_s, s):
+            logits, _, s = self(idx_s, state=s)
+            return logits, s
+        return None, *segmented_loss(step, idx, targets, segment_len, state, l2wrap=True)
 
-        def segment(idx_s, targets_s, state):
-            logits, _, state = self(idx_s, None, state)
-            ce_sum = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_s.reshape(-1),
-                                     ignore_index=-1, reduction="sum")
-            # L2Wrap scales its push by 1 / (B * rows of the logits it sees); these logits have T_s of T rows, so
-            # it wraps the loss scaled by T / T_s and the result is scaled back: the value and the CE gradient are
-            # unchanged, and the push on these logits becomes the full call's 1e-4 / (B*T)
-            ratio = T / idx_s.shape[1]
-            return L2Wrap.apply(ce_sum / n_total * ratio, logits) / ratio, state
 
-        loss = 0.0
-        for t in range(0, T, segment_len):
-            args = (idx[:, t:t + segment_len], targets[:, t:t + segment_len], state)
-            if t + segment_len < T and torch.is_grad_enabled():  # the last segment's backward follows at once
-                part, state = torch.utils.checkpoint.checkpoint(segment, *args, use_reentrant=False)
-            else:
-                part, state = segment(*args)
-            loss = loss + part
-        return None, loss, state
+def segmented_loss(step, idx, targets, segment_len, state, l2wrap):
+    """State checkpointing for RWKV and Hybrid: step(idx_s, state) -> (logits, new state) runs the model on one
+    segment; returns (loss, final state), the loss being the token-weighted mean cross-entropy over all of idx.
+    Every segment's head and loss run inside its checkpoint, so no segment's logits outlive it."""
+    B, T = idx.shape
+    n_total = (targets != -1).sum()  # the mean's denominator, known before any segment runs
+
+    def segment(idx_s, targets_s, state):
+        logits, state = step(idx_s, state)
+        ce_sum = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_s.reshape(-1),
+                                 ignore_index=-1, reduction="sum")
+        if not l2wrap:
+            return ce_sum / n_total, state
+        # L2Wrap scales its push by 1 / (B * rows of the logits it sees); these logits have T_s of T rows, so
+        # it wraps the loss scaled by T / T_s and the result is scaled back: the value and the CE gradient are
+        # unchanged, and the push on these logits becomes the full call's 1e-4 / (B*T)
+        ratio = T / idx_s.shape[1]
+        return L2Wrap.apply(ce_sum / n_total * ratio, logits) / ratio, state
+
+    loss = 0.0
+    for t in range(0, T, segment_len):
+        args = (idx[:, t:t + segment_len], targets[:, t:t + segment_len], state)
+        if t + segment_len < T and torch.is_grad_enabled():  # the last segment's backward follows at once
+            part, state = torch.utils.checkpoint.checkpoint(segment, *args, use_reentrant=False)
+        else:
+            part, state = segment(*args)
+        loss = loss + part
+    return loss, state
 
 
 # -----------------------------------------------------------------------------
@@ -777,6 +789,22 @@ class Hybrid(nn.Module):
             train = which == "all" or (which == "student" and ".student." in name) or (
                 which == "all_but_mlp" and ".mlp." not in name)
             p.requires_grad_(train and ".teacher_attn." not in name)
+
+    def set_wkv_part_len(self, part_len):
+        """ctx_parts: every RWKV layer's WKV runs in parts of `part_len` tokens (0 = the whole sequence at once)."""
+        for i in self.rwkv_layers:
+            self.hf.model.layers[i].self_attn.student.wkv_part_len = part_len
+
+    def forward_segments(self, idx, targets, segment_len, state=None):
+        """State checkpointing, as RWKV.forward_segments: the loss of forward(idx, targets) (token-weighted mean
+        cross-entropy, no L2Wrap here) and its exact gradients, each segment but the last recomputed in backward,
+        carrying the state (RWKV layers: token shift and WKV state; v_first is per token, recomputed in each
+        segment). Kept attention layers work too, through their KV cache: that part of the memory grows with T.
+        Returns (None, loss, new state)."""
+        def step(idx_s, s):
+            logits, _, s = self(idx_s, state=s)
+            return logits, s
+        return None, *segmented_loss(step, idx, targets, segment_len, state, l2wrap=False)
 
     def drop_teacher_attention(self):
         for i in self.rwkv_layers:

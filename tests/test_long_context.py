@@ -141,3 +141,50 @@ def test_state_cp_under_torchrun_matches_single_process(shakespeare, state_cp_si
     assert len(ours) == len(ref) == 5 and float(ref[-1][1]) < float(ref[0][1]) - 0.5  # it trained
     assert max(abs(float(a) - float(b)) for (_, a, _), (_, b, _) in zip(ours, ref)) <= 1e-5, (ours, ref)
     assert_same_state(ckpt(tmp_path), ckpt(state_cp_single), atol=1e-5)
+
+
+# --- the hybrid (train_distill.py stage 3): Hybrid.forward_segments and ctx_parts ---------------------------------
+
+@pytest.fixture(scope="module", params=["all", [0, 2]], ids=["all-rwkv", "two-attention-kept"])
+def hybrid_setup(request):
+    """A tiny random Qwen2 (GQA, q/k/v biases, tied embeddings) with every attention layer, or layers 0 and 2,
+    replaced by noisy RWKV-7 time-mixers; its plain full-sequence loss and gradients on T = 256."""
+    import transformers
+    from model import Hybrid
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                                   max_position_embeddings=512, initializer_range=0.1)
+    hybrid = Hybrid(transformers.AutoModelForCausalLM.from_config(cfg), request.param).train()
+    with torch.no_grad():  # students start as copies of the attention: make every tensor matter
+        for p in hybrid.student_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hybrid.set_trainable("all")
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 300, (2, T), generator=g)
+    targets = torch.randint(0, 300, (2, T), generator=g)
+    targets[0, :50] = -1  # SFT: prompt tokens are not trained, unevenly over the rows
+    targets[1, 120:160] = -1
+    loss, grads = run(hybrid, lambda: hybrid(idx, targets)[1])
+    return hybrid, idx, targets, loss, grads
+
+
+@pytest.mark.parametrize("parts", [4, 7])
+def test_hybrid_state_cp_and_ctx_parts_equal_full_sequence(hybrid_setup, parts, monkeypatch):
+    hybrid, idx, targets, ref_loss, ref_grads = hybrid_setup
+    L = -(-T // parts)
+    loss, grads = run(hybrid, lambda: hybrid.forward_segments(idx, targets, L)[1])
+    check(loss, grads, ref_loss, ref_grads)
+    lengths, inner = [], model_module.wkv7_chunked  # record the WKV calls: the parts must really happen
+    monkeypatch.setattr(model_module, "wkv7_chunked", lambda r, *a: lengths.append(r.shape[1]) or inner(r, *a))
+    hybrid.set_wkv_part_len(L)
+    try:
+        loss, grads = run(hybrid, lambda: hybrid(idx, targets)[1])
+    finally:
+        hybrid.set_wkv_part_len(0)
+    assert lengths == ([L] * (parts - 1) + [T - (parts - 1) * L]) * len(hybrid.rwkv_layers), lengths
+    check(loss, grads, ref_loss, ref_grads)
+    with torch.no_grad():  # cut segments (each from a zero state) give another loss: the comparison can fail
+        cut = sum(hybrid(idx[:, t:t + L], targets[:, t:t + L])[1] * (targets[:, t:t + L] != -1).sum()
+                  for t in range(0, T, L)) / (targets != -1).sum()
+    assert abs(cut.item() - ref_loss.item()) > 1e-3
