@@ -89,6 +89,12 @@ compile = False  # torch.compile the RWKV time-mixers (GPU)
 parallel = "ddp"  # under torchrun: 'ddp', or 'fsdp' (FSDP2: fully_shard each decoder layer, then the root)
 grad_checkpointing = False
 seed = 1337
+# long context (as in train_pretrain.py; exact: the loss and gradients of one plain pass)
+ctx_parts = 1  # > 1: parts of ceil(ctx_len / ctx_parts) tokens: the WKV runs part by part, or with state_cp the model
+state_cp = False  # stage 3: the whole hybrid runs part by part, each part recomputed in backward, the state carried:
+                  # activation memory of one part (kept attention layers: their KV cache still grows with ctx_len)
+initial_ctx_len = 0  # > 0: context warm-up: rows start this long and grow linearly to ctx_len ...
+ctx_warmup_steps = 0  # ... over this many steps (a row is cut to its first tokens)
 # -----------------------------------------------------------------------------
 with exit_on_config_error():
     config = configure(globals(), sys.argv[1:])
@@ -101,6 +107,11 @@ with exit_on_config_error():
           "batch_size must be positive")
     check(teacher_ranks == 0 or stage == 2, "teacher_ranks serve the stage-2 teacher; use 0 in stages 1 and 3")
     check(parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    check(ctx_parts >= 1, f"need ctx_parts >= 1, got {ctx_parts}")
+    check(not state_cp or stage == 3, f"state_cp is for stage 3 (SFT), not stage {stage}: stages 1 and 2 compare "
+          "every position with the teacher; use ctx_parts there")
+    check(0 <= initial_ctx_len <= ctx_len and ctx_warmup_steps >= 0,
+          f"need 0 <= initial_ctx_len ({initial_ctx_len}) <= ctx_len ({ctx_len}) and ctx_warmup_steps >= 0")
 trainable = trainable or ("student" if stage == 1 else "all")
 
 # --- distributed setup: trainer ranks first, then teacher ranks ---------------------------------------------
@@ -253,6 +264,9 @@ model.set_trainable(trainable)
 model.to(device)
 if grad_checkpointing:
     model.hf.gradient_checkpointing_enable()
+part_len = -(-ctx_len // ctx_parts)  # tokens per part (the last part of a row may be shorter)
+if ctx_parts > 1 and not state_cp:
+    model.set_wkv_part_len(part_len)
 vocab_size = model.config.vocab_size
 n_train_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 print0(f"hybrid: {len(model.rwkv_layers)} of {len(model.hf.model.layers)} layers RWKV, stage {stage}, "
@@ -280,6 +294,9 @@ if distributed and parallel == "fsdp":
     for layer in model.hf.model.layers:  # one all-gather per decoder layer in forward and in backward
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)  # the root holds the embedding, final norm and head
+elif distributed and state_cp:  # no DDP wrapper: gradients averaged by all_reduce_grads; start from rank 0's weights
+    for p in model.parameters():
+        dist.broadcast(p.data, 0, group=trainer_group)
 elif distributed:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None,
                                                       process_group=trainer_group)
@@ -295,6 +312,30 @@ if ckpt is not None:
     torch.set_rng_state(ckpt["rng"])
 
 
+def all_reduce_grads(bucket_numel=2 ** 25):
+    """DDP's gradient average, by hand, for state_cp: forward_segments calls the model once per segment and
+    recomputes segments inside backward, while DDP's reducer wants one DDP.forward and each gradient ready once."""
+    grads = [p.grad for p in params if p.grad is not None]
+    while grads:
+        n, size = 0, 0
+        while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket_numel):
+            size, n = size + grads[n].numel(), n + 1
+        flat = torch.cat([g.flatten() for g in grads[:n]])
+        dist.all_reduce(flat, group=trainer_group)  # a sum: gloo has no AVG
+        flat /= n_trainers
+        for g, f in zip(grads[:n], flat.split([g.numel() for g in grads[:n]])):
+            g.copy_(f.view_as(g))
+        grads = grads[n:]
+
+
+def sample_len(step):
+    """Context warm-up: the row length at `step`, linear from initial_ctx_len to ctx_len over ctx_warmup_steps (a
+    pure function of the step, so a resumed run continues at the right length)."""
+    if initial_ctx_len <= 0 or step >= ctx_warmup_steps:
+        return ctx_len
+    return initial_ctx_len + (ctx_len - initial_ctx_len) * step // ctx_warmup_steps
+
+
 def lr_at(step):
     warm = 0.01 + 0.99 * step / warmup_steps if step < warmup_steps else 1.0
     progress = min(1.0, step / max_steps)
@@ -308,7 +349,10 @@ def compute_loss(x, y, teacher_target=None, extra=False):
         if stage == 1:
             _, loss, _ = model(x, align=True)
             return loss, {"align": loss.item()}
-        logits, ce, _ = model(x, y)
+        if state_cp:  # stage 3 only: no logits kept
+            logits, ce, _ = raw_model.forward_segments(x, y, part_len)
+        else:
+            logits, ce, _ = model(x, y)
     if stage == 3:
         return ce, {"ce": ce.item()}
     terms = {}
@@ -402,10 +446,11 @@ while step < max_steps and not stop_requested and not (exit_step and step >= exi
     terms_sum = {}
     for micro in range(grad_accum):
         x, y = get_batch(step, micro)
+        x, y = x[:, :sample_len(step)], y[:, :sample_len(step)]
         target = ask_teacher(x) if stage == 2 and teacher_ranks else None
         if distributed and parallel == "fsdp":
             model.set_requires_gradient_sync(micro == grad_accum - 1)
-        elif distributed:
+        elif distributed and not state_cp:
             model.require_backward_grad_sync = micro == grad_accum - 1
         loss, terms = compute_loss(x, y, target)
         if distributed and stage > 1:  # token-weighted mean over ranks: DDP averages gradients, so weigh by our share
@@ -417,6 +462,8 @@ while step < max_steps and not stop_requested and not (exit_step and step >= exi
         (loss / grad_accum).backward()
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + v / grad_accum
+    if distributed and parallel == "ddp" and state_cp:
+        all_reduce_grads()
     if distributed:  # log the mean over trainer ranks
         vals = torch.tensor(list(terms_sum.values()), device=device)
         dist.all_reduce(vals, group=trainer_group)
@@ -436,11 +483,12 @@ while step < max_steps and not stop_requested and not (exit_step and step >= exi
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
-    tokens_seen += global_batch * grad_accum * ctx_len
+    tokens_seen += global_batch * grad_accum * x.shape[1]
     if step % log_interval == 0 or step == max_steps:
         dt = time.time() - t0
         line = (f"step {step}/{max_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in terms_sum.items())
-                + f" | lr {lr:.2e} | gnorm {grad_norm.item():.3f} | tok/s {tokens_seen / dt:,.0f}")
+                + f" | lr {lr:.2e} | gnorm {grad_norm.item():.3f} | tok/s {tokens_seen / dt:,.0f}"
+                + (f" | ctx {x.shape[1]}" if initial_ctx_len else ""))
         print0(line)
         if master:
             with open(os.path.join(out_dir, "log.txt"), "a") as f:

@@ -162,3 +162,30 @@ def test_bad_input_is_one_line(tiny_teacher, chat_data, args, message):
                           f"--data={chat_data}", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode != 0 and len(lines) == 1 and lines[0].startswith(message), out.stderr[-2000:]
+
+
+def test_stage3_long_context_options(tiny_teacher, chat_data, tmp_path):
+    """Stage 3 of an all-RWKV hybrid with state_cp (parts of 22, 22, 20 tokens) and a context warm-up 16 -> 64 over
+    6 steps, stopped at step 5 and resumed: the loss falls, the warm-up is in the log and resumes at the right
+    length, and every step's loss equals that of an uninterrupted run with ctx_parts=3 alone (both are exact)."""
+    common = [f"--base={tiny_teacher}", "--stage=3", f"--data={chat_data}", "--ctx_len=64", "--batch_size=4",
+              "--eval_batches=4", "--log_interval=1", "--warmup_steps=2", "--max_steps=12", "--learning_rate=3e-3",
+              "--eval_interval=1000", "--save_interval=1000", "--initial_ctx_len=16", "--ctx_warmup_steps=6",
+              "--ctx_parts=3"]
+    parts = run(common + [f"--out_dir={tmp_path}/parts"])
+    cp = common + [f"--out_dir={tmp_path}/cp", "--state_cp=True"]
+    cp_log = run(cp + ["--exit_step=5"]) + run(cp + ["--init_from=resume"])
+    ctx = [int(n) for n in re.findall(r"\| ctx (\d+)", cp_log)]
+    assert ctx == [16, 24, 32, 40, 48, 56, 64, 64, 64, 64, 64, 64] == [int(n) for n in re.findall(r"\| ctx (\d+)", parts)]
+    val = values(cp_log, "val", "ce")
+    assert val[-1] < val[0] - 0.3, cp_log
+    got, want = values(cp_log, "train", "ce"), values(parts, "train", "ce")
+    assert len(got) == len(want) == 12 and max(abs(a - b) for a, b in zip(got, want)) <= 2e-4, (got, want)
+
+
+def test_state_cp_outside_stage_3_is_one_line(tiny_teacher, chat_data):
+    out = subprocess.run([sys.executable, "train_distill.py", "--device=cpu", f"--base={tiny_teacher}",
+                          f"--data={chat_data}", "--stage=2", "--state_cp=True"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0 and out.stderr.strip().startswith("error: state_cp is for stage 3 (SFT), not stage 2")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
