@@ -353,7 +353,8 @@ class TimeMix(nn.Module):
         # "bonus": one scalar per (token, head), sum of r*k*r_k, times that head's value; added after ln_x
         bonus = (r.view(shape) * k.view(shape) * self.r_k).sum(dim=-1, keepdim=True) * v.view(shape)
         y = y + bonus.view(B, T, H * N)
-        return self.output(y * g), v_first, x[:, -1], wkv_state
+        # the shift state is a copy: a view x[:, -1] would keep all of x (T tokens) alive as long as the state
+        return self.output(y * g), v_first, x[:, -1].clone(), wkv_state
 
 
 class ChannelMix(nn.Module):
@@ -368,7 +369,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift=None):
         xk = x + (token_shift(x, shift) - x) * self.x_k
-        return self.value(torch.relu(self.key(xk)) ** 2), x[:, -1]
+        return self.value(torch.relu(self.key(xk)) ** 2), x[:, -1].clone()  # a copy, as in TimeMix
 
 
 class Block(nn.Module):

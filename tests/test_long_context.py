@@ -188,3 +188,13 @@ def test_hybrid_state_cp_and_ctx_parts_equal_full_sequence(hybrid_setup, parts, 
         cut = sum(hybrid(idx[:, t:t + L], targets[:, t:t + L])[1] * (targets[:, t:t + L] != -1).sum()
                   for t in range(0, T, L)) / (targets != -1).sum()
     assert abs(cut.item() - ref_loss.item()) > 1e-3
+
+
+def test_state_holds_only_itself(setup):
+    """What state_cp keeps between segments is the state alone: no state tensor is a view into its segment's
+    activations (a token-shift state x[:, -1] as a view would keep the whole (B, T_s, C) tensor alive)."""
+    model, idx, targets, _, _ = setup
+    _, _, state = model(idx[:, :64], targets[:, :64])
+    for layer in state:
+        for t in layer:
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
