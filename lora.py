@@ -10,7 +10,8 @@ tensors; save only what trains; merge into a full official-layout .pth.
 
 parts: 'att' LoRA on receptance/key/value/output, 'ffn' LoRA on key/value, 'time' trains the token-shift mixes,
 w0/a0/v0/k_k/k_a/r_k and the built-in decay/a/v/gate low-rank matrices in full, 'ln' trains ln0/ln1/ln2 and ln_x
-in full (not ln_out). Embedding, head and ln_out stay frozen.
+in full (not ln_out). Embedding, head and ln_out stay frozen. add_lora_hybrid does the same on the RWKV layers of a
+model.Hybrid (train_distill.py).
 """
 import math
 import os
@@ -44,6 +45,44 @@ def parse_layers(spec, n_layer):
     return layers
 
 
+def lora_linear(lin, r, alpha, dropout):
+    """Give an nn.Linear a trainable zero update B @ A, in place (its module, names and weight stay)."""
+    w = lin.weight
+    lin.lora_A = nn.Parameter(torch.empty(r, w.shape[1], device=w.device, dtype=w.dtype))
+    lin.lora_B = nn.Parameter(torch.zeros(w.shape[0], r, device=w.device, dtype=w.dtype))
+    nn.init.kaiming_uniform_(lin.lora_A, a=math.sqrt(5))
+    lin.lora_scale, lin.lora_dropout = alpha / r, nn.Dropout(dropout)
+    lin.__class__ = LoraLinear
+
+
+def add_lora_hybrid(hybrid, r, alpha, dropout=0.0, parts="att,time,ln", layers=""):
+    """add_lora for a model.Hybrid, on its RWKV layers (those in `layers`) only: 'att' LoRA on the time-mixer's
+    receptance/key/value/output, 'ffn' LoRA on the decoder layer's MLP projections, 'time' the time-mixer's own
+    tensors in full, 'ln' its ln_x and the decoder layer's norms in full. Everything else is frozen."""
+    parts = [p.strip() for p in parts.split(",")] if isinstance(parts, str) else list(parts)
+    if r <= 0 or not set(parts) <= set(PARTS):
+        raise ValueError(f"need lora r > 0 and parts among {PARTS}, got r={r}, parts={parts}")
+    hybrid.requires_grad_(False)
+    hybrid.lora_config = dict(r=r, alpha=alpha, dropout=dropout, parts=",".join(parts), layers=layers)
+    decoder_layers = hybrid.hf.model.layers
+    for i in sorted(parse_layers(layers, len(decoder_layers)) & set(hybrid.rwkv_layers)):
+        layer = decoder_layers[i]
+        att = layer.self_attn.student
+        linears = ([att.receptance, att.key, att.value, att.output] if "att" in parts else []) + \
+                  ([m for m in layer.mlp.modules() if isinstance(m, nn.Linear)] if "ffn" in parts else [])
+        for lin in linears:
+            lora_linear(lin, r, alpha, dropout)
+        if "time" in parts:
+            for p in att.parameters(recurse=False):
+                p.requires_grad_(True)
+        if "ln" in parts:
+            att.ln_x.requires_grad_(True)
+            for name, child in layer.named_children():
+                if "norm" in name:
+                    child.requires_grad_(True)
+    return hybrid
+
+
 def add_lora(model, r, alpha, dropout=0.0, parts="att,ffn,time,ln", layers=""):
     """Freeze `model` (an RWKV) and make the chosen subset trainable. Linears keep their module, names and weight
     (the class is swapped in place), so the state dict stays the official one plus `*.lora_A` / `*.lora_B`."""
@@ -58,12 +97,7 @@ def add_lora(model, r, alpha, dropout=0.0, parts="att,ffn,time,ln", layers=""):
         linears = ([att.receptance, att.key, att.value, att.output] if "att" in parts else []) + \
                   ([ffn.key, ffn.value] if "ffn" in parts else [])
         for lin in linears:
-            w = lin.weight
-            lin.lora_A = nn.Parameter(torch.empty(r, w.shape[1], device=w.device, dtype=w.dtype))
-            lin.lora_B = nn.Parameter(torch.zeros(w.shape[0], r, device=w.device, dtype=w.dtype))
-            nn.init.kaiming_uniform_(lin.lora_A, a=math.sqrt(5))
-            lin.lora_scale, lin.lora_dropout = alpha / r, nn.Dropout(dropout)
-            lin.__class__ = LoraLinear
+            lora_linear(lin, r, alpha, dropout)
         if "time" in parts:  # everything of att/ffn that is not an r/k/v/o/key/value Linear
             for mod in (att, ffn):
                 for p in mod.parameters(recurse=False):

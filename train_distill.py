@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from configurator import check, configure, exit_on_config_error
 from data.chat import load_examples, load_tokenizer, pack
+from lora import add_lora_hybrid, merge_state_dict
 from model import Hybrid, kl_loss, load_hf_model, teacher_targets
 
 # -----------------------------------------------------------------------------
@@ -93,6 +94,13 @@ seed = 1337
 ctx_parts = 1  # > 1: parts of ceil(ctx_len / ctx_parts) tokens: the WKV runs part by part, or with state_cp the model
 state_cp = False  # stage 3: the whole hybrid runs part by part, each part recomputed in backward, the state carried:
                   # activation memory of one part (kept attention layers: their KV cache still grows with ctx_len)
+# LoRA (lora.py) on the RWKV layers of a hybrid, stages 2-3; the rest frozen. ckpt.pt holds only the trainable
+# subset (resume rebuilds the rest from init_from), out_dir/hybrid the merged model
+lora_r = 0  # > 0: the LoRA rank; 0 = off
+lora_alpha = 32.0  # the update is scaled by lora_alpha / lora_r
+lora_dropout = 0.0
+lora_parts = "att,time,ln"  # att: r/k/v/o; ffn: the MLP; time: the time-mixer's own tensors; ln: ln_x and norms
+lora_layers = ""  # e.g. '0-3 20-23'; '' = every RWKV layer
 initial_ctx_len = 0  # > 0: context warm-up: rows start this long and grow linearly to ctx_len ...
 ctx_warmup_steps = 0  # ... over this many steps (a row is cut to its first tokens)
 # -----------------------------------------------------------------------------
@@ -110,6 +118,8 @@ with exit_on_config_error():
     check(ctx_parts >= 1, f"need ctx_parts >= 1, got {ctx_parts}")
     check(not state_cp or stage == 3, f"state_cp is for stage 3 (SFT), not stage {stage}: stages 1 and 2 compare "
           "every position with the teacher; use ctx_parts there")
+    check(not lora_r or (stage > 1 and init_from != "teacher"), "LoRA trains a hybrid from an earlier stage in "
+          "stage 2 or 3: set stage=2 or 3 and init_from=that run's out_dir/hybrid (or resume)")
     check(0 <= initial_ctx_len <= ctx_len and ctx_warmup_steps >= 0,
           f"need 0 <= initial_ctx_len ({initial_ctx_len}) <= ctx_len ({ctx_len}) and ctx_warmup_steps >= 0")
 trainable = trainable or ("student" if stage == 1 else "all")
@@ -213,6 +223,17 @@ if is_teacher_rank:
     sys.exit(0)
 
 # --- trainer ranks: data ---------------------------------------------------------------------------------------
+ckpt = None
+if init_from == "resume":  # the checkpoint names the model, and with it the tokenizer
+    if not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        raise SystemExit(f"error: init_from='resume' but there is no {out_dir}/ckpt.pt")
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
+    init_from = ckpt["config"]["init_from"]
+    lora_r, lora_alpha, lora_dropout, lora_parts, lora_layers = (ckpt["config"].get(k, v) for k, v in (
+        ("lora_r", 0), ("lora_alpha", 0), ("lora_dropout", 0), ("lora_parts", ""), ("lora_layers", "")))
+    # saved again with the next checkpoint, so that it too resumes from the right model
+    config.update(init_from=init_from, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                  lora_parts=lora_parts, lora_layers=lora_layers)
 tok = load_or_exit("tokenizer", load_tokenizer, base or init_from)  # a hybrid directory carries its tokenizer
 examples = load_examples(data, tok)
 if val_data:
@@ -245,10 +266,6 @@ def get_batch(step, micro, split="train"):
 
 
 # --- model -----------------------------------------------------------------------------------------------------
-ckpt = None
-if init_from == "resume":
-    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
-    init_from = ckpt["config"]["init_from"]
 if init_from == "teacher":
     model = Hybrid(load_or_exit("base model", load_hf_model, base, dtype=torch.float32), rwkv_layers,
                    keep_teacher_attention=stage == 1)
@@ -258,9 +275,17 @@ if stage > 1:
     model.drop_teacher_attention()
     if untie_embeddings:
         model.untie_embeddings()
-if ckpt is not None:
-    model.load_state_dict(ckpt["model"])
 model.set_trainable(trainable)
+if lora_r:  # only the LoRA subset trains
+    with exit_on_config_error():
+        try:
+            add_lora_hybrid(model, lora_r, lora_alpha, lora_dropout, lora_parts, lora_layers)
+        except ValueError as e:
+            check(False, str(e))
+if ckpt is not None:  # with LoRA: the trainable subset, the rest is init_from's
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=not lora_r)
+    if unexpected or any(model.get_parameter(k).requires_grad for k in missing):
+        raise SystemExit(f"error: {out_dir}/ckpt.pt does not match the model built from {init_from}")
 model.to(device)
 if grad_checkpointing:
     model.hf.gradient_checkpointing_enable()
@@ -270,7 +295,8 @@ if ctx_parts > 1 and not state_cp:
 vocab_size = model.config.vocab_size
 n_train_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 print0(f"hybrid: {len(model.rwkv_layers)} of {len(model.hf.model.layers)} layers RWKV, stage {stage}, "
-       f"training '{trainable}': {n_train_params / 1e6:.2f}M parameters")
+       f"training {f'a LoRA (r={lora_r}, {lora_parts})' if lora_r else repr(trainable)}: "
+       f"{n_train_params / 1e6:.2f}M parameters")
 
 teacher_model = None
 if stage == 2 and teacher_ranks == 0:
@@ -306,6 +332,7 @@ optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), ep
                               weight_decay=weight_decay, fused=use_cuda)
 step = 0
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0; every trainer takes part
+SAVED = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=bool(lora_r))  # LoRA: trainable
 if ckpt is not None:
     set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
     step = ckpt["step"]
@@ -390,10 +417,13 @@ def evaluate():
 
 
 def save():
-    sd, opt_sd = get_model_state_dict(raw_model, options=FULL), get_optimizer_state_dict(raw_model, optimizer, options=FULL)
+    sd, opt_sd = get_model_state_dict(raw_model, options=SAVED), get_optimizer_state_dict(raw_model, optimizer, options=FULL)
+    full = get_model_state_dict(raw_model, options=FULL) if lora_r else sd
     if not master:
         return
-    raw_model.save_pretrained(os.path.join(out_dir, "hybrid"), state_dict=sd)
+    if lora_r:  # the hybrid directory holds the merged model: loadable as any hybrid
+        full = merge_state_dict(full, lora_alpha / lora_r, dtype=torch.float32)
+    raw_model.save_pretrained(os.path.join(out_dir, "hybrid"), state_dict=full)
     tok.save_pretrained(os.path.join(out_dir, "hybrid"))
     state = dict(model=sd, optimizer=opt_sd, step=step, config=config, rng=torch.get_rng_state())
     torch.save(state, os.path.join(out_dir, "ckpt.pt.tmp"))
