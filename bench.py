@@ -7,6 +7,7 @@ Speed of the WKV7 implementations, measured by a script rather than by tests.
     python bench.py --sweep         # GPU: also time every rows-per-block setting of the kernel (tuning)
     python bench.py --no-fla        # GPU: skip fla's chunk_rwkv7 even when it is importable
     python bench.py --long          # long-context training of the 0.4B shape at ctx 32768 and 131072 (a tiny model on CPU)
+                                    # (--segment=N: state_cp segment length, default 4096; --long_tiny: tiny on GPU too)
 
 GPU: wkv7.cu at (B, T, C) = (8, 4096, 4096), (16, 512, 768), (1, 16384, 2048), head 64, bf16 in and out, fp32 state:
 a float64 check on a slice of each shape, then forward and forward+backward (ones as dy), median of 20 after 3
@@ -276,9 +277,11 @@ def bench_long(device, n_layer=24, n_embd=1024, vocab=65536, ctxs=(32768, 131072
 if __name__ == "__main__":
     device = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--device=")), None)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if "--long" in sys.argv:  # python bench.py --long [--long_tiny]: the tiny sizes run anywhere (a check, no timing)
+    if "--long" in sys.argv:  # python bench.py --long [--segment=4096] [--long_tiny] (tiny: a check that it runs)
         tiny = "--long_tiny" in sys.argv or device == "cpu"
-        bench_long(device, **(dict(n_layer=2, n_embd=64, vocab=256, ctxs=(512, 2048), segment=128) if tiny else {}))
+        sizes = dict(n_layer=2, n_embd=64, vocab=256, ctxs=(512, 2048), segment=128) if tiny else {}
+        seg = next((int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--segment=")), None)
+        bench_long(device, **(sizes | (dict(segment=seg) if seg else {})))
     elif "--distill" in sys.argv:  # python bench.py --distill [--no-compile]
         bench_distill(device, compile="--no-compile" not in sys.argv and device != "cpu",
                       **(dict(batch=1, ctx=32, layers=2) if device == "cpu" else {}))
