@@ -699,7 +699,7 @@ class HybridState:
 
     def __init__(self, length=0, rwkv=None, kv=None):
         self.length, self.rwkv, self.kv = length, dict(rwkv or {}), dict(kv or {})
-        self.v_first, self.align_losses = None, []  # scratch of one forward
+        self.v_first, self.align_losses = None, []  # scratch of one layer's call (Hybrid._layer)
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         if layer_idx in self.kv:
@@ -765,6 +765,7 @@ class Hybrid(nn.Module):
                                       head_size=head_dim, dim_att=cfg.num_attention_heads * head_dim,
                                       att_bias=attn0.q_proj.bias is not None, wkv_impl=wkv_impl)
         self.slot = _Slot()
+        self.grad_checkpointing = False  # recompute each decoder layer in backward (HF's own would drop the state)
         for i in self.rwkv_layers:
             attn = layers[i].self_attn
             student = TimeMix(self.rwkv_config, i, is_first=i == self.rwkv_layers[0])
@@ -833,23 +834,40 @@ class Hybrid(nn.Module):
             allowed = torch.arange(past + T, device=idx.device)[None] <= positions[0][:, None]
             mask = torch.zeros(T, past + T, dtype=x.dtype, device=idx.device)
             mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)[None, None].expand(B, 1, T, past + T)
-        self.slot.state, self.slot.align = new_state, align
-        try:
-            for layer in inner.layers:
-                x = layer(x, attention_mask=mask, position_ids=positions, past_key_values=new_state,
-                          position_embeddings=rope)
-        finally:
-            self.slot.state, self.slot.align = None, False
-        new_state.v_first = None
+        v_first, align_losses = None, []
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for i in range(len(inner.layers)):
+            own = new_state.rwkv if i in self.rwkv_layers else new_state.kv
+            args = (i, x, own.get(i), v_first, past + T, mask, positions, rope, align)
+            if checkpointing:
+                x, own[i], v_first, losses = torch.utils.checkpoint.checkpoint(self._layer, *args, use_reentrant=False)
+            else:
+                x, own[i], v_first, losses = self._layer(*args)
+            align_losses += losses
         x = inner.norm(x)
         logits = self.hf.lm_head(x[:, -1:] if last_only else x)
         loss = None
         if align:
-            loss = torch.stack(new_state.align_losses).mean()
-            new_state.align_losses = []
+            loss = torch.stack(align_losses).mean()
         elif targets is not None:
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
         return logits, loss, new_state
+
+    def _layer(self, i, x, layer_state, v_first, length, mask, positions, rope, align):
+        """Decoder layer i. Its state (RWKV: shift and WKV; attention: keys and values) and v_first come in as
+        arguments and the layer writes into a scratch HybridState of its own, so a second run (a checkpoint's
+        recompute in backward) reads the same inputs. Returns (x, the layer's new state, v_first, align losses)."""
+        own = {} if layer_state is None else {i: layer_state}
+        rwkv = i in self.rwkv_layers
+        scratch = HybridState(length, own if rwkv else {}, {} if rwkv else own)
+        scratch.v_first = v_first
+        self.slot.state, self.slot.align = scratch, align
+        try:
+            x = self.hf.model.layers[i](x, attention_mask=mask, position_ids=positions, past_key_values=scratch,
+                                        position_embeddings=rope)
+        finally:
+            self.slot.state, self.slot.align = None, False
+        return x, (scratch.rwkv if rwkv else scratch.kv)[i], scratch.v_first, scratch.align_losses
 
     # --- a hybrid directory: the teacher's config.json, hybrid.json (which layers are RWKV), model.safetensors ---
 

@@ -287,8 +287,7 @@ if ckpt is not None:  # with LoRA: the trainable subset, the rest is init_from's
     if unexpected or any(model.get_parameter(k).requires_grad for k in missing):
         raise SystemExit(f"error: {out_dir}/ckpt.pt does not match the model built from {init_from}")
 model.to(device)
-if grad_checkpointing:
-    model.hf.gradient_checkpointing_enable()
+model.grad_checkpointing = grad_checkpointing  # the hybrid's own per-layer recompute (HF's drops the state)
 part_len = -(-ctx_len // ctx_parts)  # tokens per part (the last part of a row may be shorter)
 if ctx_parts > 1 and not state_cp:
     model.set_wkv_part_len(part_len)

@@ -167,12 +167,13 @@ def test_bad_input_is_one_line(tiny_teacher, chat_data, args, message):
 def test_stage3_long_context_options(tiny_teacher, chat_data, tmp_path):
     """Stage 3 of an all-RWKV hybrid with state_cp (parts of 22, 22, 20 tokens) and a context warm-up 16 -> 64 over
     6 steps, stopped at step 5 and resumed: the loss falls, the warm-up is in the log and resumes at the right
-    length, and every step's loss equals that of an uninterrupted run with ctx_parts=3 alone (both are exact)."""
+    length, and every step's loss equals that of an uninterrupted run with ctx_parts=3 and per-layer gradient
+    checkpointing instead (all three are exact)."""
     common = [f"--base={tiny_teacher}", "--stage=3", f"--data={chat_data}", "--ctx_len=64", "--batch_size=4",
               "--eval_batches=4", "--log_interval=1", "--warmup_steps=2", "--max_steps=12", "--learning_rate=3e-3",
               "--eval_interval=1000", "--save_interval=1000", "--initial_ctx_len=16", "--ctx_warmup_steps=6",
               "--ctx_parts=3"]
-    parts = run(common + [f"--out_dir={tmp_path}/parts"])
+    parts = run(common + [f"--out_dir={tmp_path}/parts", "--grad_checkpointing=True"])
     cp = common + [f"--out_dir={tmp_path}/cp", "--state_cp=True"]
     cp_log = run(cp + ["--exit_step=5"]) + run(cp + ["--init_from=resume"])
     ctx = [int(n) for n in re.findall(r"\| ctx (\d+)", cp_log)]

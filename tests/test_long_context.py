@@ -145,20 +145,27 @@ def test_state_cp_under_torchrun_matches_single_process(shakespeare, state_cp_si
 
 # --- the hybrid (train_distill.py stage 3): Hybrid.forward_segments and ctx_parts ---------------------------------
 
-@pytest.fixture(scope="module", params=["all", [0, 2]], ids=["all-rwkv", "two-attention-kept"])
-def hybrid_setup(request):
-    """A tiny random Qwen2 (GQA, q/k/v biases, tied embeddings) with every attention layer, or layers 0 and 2,
-    replaced by noisy RWKV-7 time-mixers; its plain full-sequence loss and gradients on T = 256."""
+def tiny_hybrid(layers, keep_teacher_attention=False):
+    """A tiny random Qwen2 (GQA, q/k/v biases, tied embeddings) with the attention of `layers` replaced by noisy
+    RWKV-7 time-mixers."""
     import transformers
     from model import Hybrid
     torch.manual_seed(0)
     cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                                    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
                                    max_position_embeddings=512, initializer_range=0.1)
-    hybrid = Hybrid(transformers.AutoModelForCausalLM.from_config(cfg), request.param).train()
+    hybrid = Hybrid(transformers.AutoModelForCausalLM.from_config(cfg), layers, keep_teacher_attention=keep_teacher_attention)
     with torch.no_grad():  # students start as copies of the attention: make every tensor matter
         for p in hybrid.student_parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    return hybrid.train()
+
+
+@pytest.fixture(scope="module", params=["all", [0, 2]], ids=["all-rwkv", "two-attention-kept"])
+def hybrid_setup(request):
+    """A tiny hybrid with every attention layer, or layers 0 and 2, replaced; its plain full-sequence loss and
+    gradients on T = 256."""
+    hybrid = tiny_hybrid(request.param)
     hybrid.set_trainable("all")
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 300, (2, T), generator=g)
@@ -198,3 +205,32 @@ def test_state_holds_only_itself(setup):
     for layer in state:
         for t in layer:
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_hybrid_grad_checkpointing_is_exact(hybrid_setup):
+    """The hybrid's per-layer checkpointing (each decoder layer recomputed in backward, its state and v_first passed
+    in so that the recompute reads what the forward read) gives the plain gradients, alone and inside state_cp."""
+    hybrid, idx, targets, ref_loss, ref_grads = hybrid_setup
+    hybrid.grad_checkpointing = True
+    try:
+        check(*run(hybrid, lambda: hybrid(idx, targets)[1]), ref_loss, ref_grads)
+        check(*run(hybrid, lambda: hybrid.forward_segments(idx, targets, 64)[1]), ref_loss, ref_grads)
+    finally:
+        hybrid.grad_checkpointing = False
+
+
+def test_hybrid_grad_checkpointing_in_align_mode():
+    """Stage 1 (align: the teacher attention beside each student) with per-layer checkpointing: the same gradients."""
+    hybrid = tiny_hybrid([1, 3], keep_teacher_attention=True)
+    hybrid.set_trainable("student")
+    idx = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(2))
+    ref_loss, ref_grads = run_trainable(hybrid, lambda: hybrid(idx, align=True)[1])
+    hybrid.grad_checkpointing = True
+    check(*run_trainable(hybrid, lambda: hybrid(idx, align=True)[1]), ref_loss, ref_grads)
+
+
+def run_trainable(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
