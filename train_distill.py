@@ -277,11 +277,10 @@ if stage > 1:
         model.untie_embeddings()
 model.set_trainable(trainable)
 if lora_r:  # only the LoRA subset trains
-    with exit_on_config_error():
-        try:
-            add_lora_hybrid(model, lora_r, lora_alpha, lora_dropout, lora_parts, lora_layers)
-        except ValueError as e:
-            check(False, str(e))
+    try:
+        add_lora_hybrid(model, lora_r, lora_alpha, lora_dropout, lora_parts, lora_layers)
+    except ValueError as e:  # bad lora_parts or lora_layers
+        raise SystemExit(f"error: {e}") from None
 if ckpt is not None:  # with LoRA: the trainable subset, the rest is init_from's
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=not lora_r)
     if unexpected or any(model.get_parameter(k).requires_grad for k in missing):
