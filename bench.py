@@ -6,6 +6,8 @@ Speed of the WKV7 implementations, measured by a script rather than by tests.
     python bench.py --distill       # a distillation step of a SmolLM2-shaped hybrid vs the teacher's training step
     python bench.py --sweep         # GPU: also time every rows-per-block setting of the kernel (tuning)
     python bench.py --no-fla        # GPU: skip fla's chunk_rwkv7 even when it is importable
+    python bench.py --long          # long-context training of the 0.4B shape at ctx 32768 and 131072 (a tiny model on CPU)
+                                    # (--segment=N: state_cp segment length, default 4096; --long_tiny: tiny on GPU too)
 
 GPU: wkv7.cu at (B, T, C) = (8, 4096, 4096), (16, 512, 768), (1, 16384, 2048), head 64, bf16 in and out, fp32 state:
 a float64 check on a slice of each shape, then forward and forward+backward (ones as dy), median of 20 after 3
@@ -224,10 +226,63 @@ def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
     print(f"ratio {rows[0][1] / rows[1][1]:.2f} (target <= 1.5)")
 
 
+def bench_long(device, n_layer=24, n_embd=1024, vocab=65536, ctxs=(32768, 131072), segment=4096, steps=3):
+    """Training steps (fwd + bwd + fused AdamW) of the 0.4B shape (L24-D1024, vocab 65536), batch 1, random tokens,
+    fp32 weights under bf16 autocast: with state checkpointing (forward_segments: segments of `segment` tokens,
+    each segment's head and loss inside its checkpoint, so full-sequence logits never exist) at every ctx, then plain
+    (one forward) at the first ctx. Peak memory includes weights, gradients and Adam states; OOM is reported."""
+    from model import RWKV, RWKVConfig
+    cuda = device.startswith("cuda")
+    torch.manual_seed(0)
+    with torch.device(device):  # the authors' init, on the GPU (the orthogonal 65536 x 1024 head is slow on CPU)
+        m = RWKV(RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab)).train()
+    opt = m.configure_optimizer(0.1, 1e-5, device_type="cuda" if cuda else "cpu")
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    print(f"long-context training, {torch.cuda.get_device_name() if cuda else 'CPU'}, L{n_layer}-D{n_embd} vocab "
+          f"{vocab}, batch 1, segment {segment}, {steps} timed steps after 1 warm-up")
+    print(f"{'ctx':>8}  {'mode':<10}{'tokens/s':>10}{'peak GiB':>10}")
+    for ctx, mode in [(c, "state_cp") for c in ctxs] + [(ctxs[0], "plain")]:
+        x = torch.randint(0, vocab, (1, ctx + 1), device=device)
+
+        def step():
+            with autocast:
+                if mode == "state_cp":
+                    loss = m.forward_segments(x[:, :-1], x[:, 1:], segment)[1]
+                else:
+                    loss = m(x[:, :-1], x[:, 1:])[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            step()  # warm-up: kernel build, Adam states
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            tok_s = f"{ctx * steps / (time.perf_counter() - t0):,.0f}"
+            peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f}" if cuda else "-"
+        except torch.OutOfMemoryError:
+            tok_s, peak = "OOM", "OOM"
+        opt.zero_grad(set_to_none=True)
+        print(f"{ctx:>8}  {mode:<10}{tok_s:>10}{peak:>10}", flush=True)
+
+
 if __name__ == "__main__":
     device = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--device=")), None)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if "--distill" in sys.argv:  # python bench.py --distill [--no-compile]
+    if "--long" in sys.argv:  # python bench.py --long [--segment=4096] [--long_tiny] (tiny: a check that it runs)
+        tiny = "--long_tiny" in sys.argv or device == "cpu"
+        sizes = dict(n_layer=2, n_embd=64, vocab=256, ctxs=(512, 2048), segment=128) if tiny else {}
+        seg = next((int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--segment=")), None)
+        bench_long(device, **(sizes | (dict(segment=seg) if seg else {})))
+    elif "--distill" in sys.argv:  # python bench.py --distill [--no-compile]
         bench_distill(device, compile="--no-compile" not in sys.argv and device != "cpu",
                       **(dict(batch=1, ctx=32, layers=2) if device == "cpu" else {}))
     elif device == "cpu":

@@ -10,9 +10,11 @@ tensors; save only what trains; merge into a full official-layout .pth.
 
 parts: 'att' LoRA on receptance/key/value/output, 'ffn' LoRA on key/value, 'time' trains the token-shift mixes,
 w0/a0/v0/k_k/k_a/r_k and the built-in decay/a/v/gate low-rank matrices in full, 'ln' trains ln0/ln1/ln2 and ln_x
-in full (not ln_out). Embedding, head and ln_out stay frozen.
+in full (not ln_out). Embedding, head and ln_out stay frozen. add_lora_hybrid does the same on the RWKV layers of a
+model.Hybrid (train_distill.py).
 """
 import math
+import os
 import sys
 
 import torch
@@ -43,6 +45,44 @@ def parse_layers(spec, n_layer):
     return layers
 
 
+def lora_linear(lin, r, alpha, dropout):
+    """Give an nn.Linear a trainable zero update B @ A, in place (its module, names and weight stay)."""
+    w = lin.weight
+    lin.lora_A = nn.Parameter(torch.empty(r, w.shape[1], device=w.device, dtype=w.dtype))
+    lin.lora_B = nn.Parameter(torch.zeros(w.shape[0], r, device=w.device, dtype=w.dtype))
+    nn.init.kaiming_uniform_(lin.lora_A, a=math.sqrt(5))
+    lin.lora_scale, lin.lora_dropout = alpha / r, nn.Dropout(dropout)
+    lin.__class__ = LoraLinear
+
+
+def add_lora_hybrid(hybrid, r, alpha, dropout=0.0, parts="att,time,ln", layers=""):
+    """add_lora for a model.Hybrid, on its RWKV layers (those in `layers`) only: 'att' LoRA on the time-mixer's
+    receptance/key/value/output, 'ffn' LoRA on the decoder layer's MLP projections, 'time' the time-mixer's own
+    tensors in full, 'ln' its ln_x and the decoder layer's norms in full. Everything else is frozen."""
+    parts = [p.strip() for p in parts.split(",")] if isinstance(parts, str) else list(parts)
+    if r <= 0 or not set(parts) <= set(PARTS):
+        raise ValueError(f"need lora r > 0 and parts among {PARTS}, got r={r}, parts={parts}")
+    hybrid.requires_grad_(False)
+    hybrid.lora_config = dict(r=r, alpha=alpha, dropout=dropout, parts=",".join(parts), layers=layers)
+    decoder_layers = hybrid.hf.model.layers
+    for i in sorted(parse_layers(layers, len(decoder_layers)) & set(hybrid.rwkv_layers)):
+        layer = decoder_layers[i]
+        att = layer.self_attn.student
+        linears = ([att.receptance, att.key, att.value, att.output] if "att" in parts else []) + \
+                  ([m for m in layer.mlp.modules() if isinstance(m, nn.Linear)] if "ffn" in parts else [])
+        for lin in linears:
+            lora_linear(lin, r, alpha, dropout)
+        if "time" in parts:
+            for p in att.parameters(recurse=False):
+                p.requires_grad_(True)
+        if "ln" in parts:
+            att.ln_x.requires_grad_(True)
+            for name, child in layer.named_children():
+                if "norm" in name:
+                    child.requires_grad_(True)
+    return hybrid
+
+
 def add_lora(model, r, alpha, dropout=0.0, parts="att,ffn,time,ln", layers=""):
     """Freeze `model` (an RWKV) and make the chosen subset trainable. Linears keep their module, names and weight
     (the class is swapped in place), so the state dict stays the official one plus `*.lora_A` / `*.lora_B`."""
@@ -57,12 +97,7 @@ def add_lora(model, r, alpha, dropout=0.0, parts="att,ffn,time,ln", layers=""):
         linears = ([att.receptance, att.key, att.value, att.output] if "att" in parts else []) + \
                   ([ffn.key, ffn.value] if "ffn" in parts else [])
         for lin in linears:
-            w = lin.weight
-            lin.lora_A = nn.Parameter(torch.empty(r, w.shape[1], device=w.device, dtype=w.dtype))
-            lin.lora_B = nn.Parameter(torch.zeros(w.shape[0], r, device=w.device, dtype=w.dtype))
-            nn.init.kaiming_uniform_(lin.lora_A, a=math.sqrt(5))
-            lin.lora_scale, lin.lora_dropout = alpha / r, nn.Dropout(dropout)
-            lin.__class__ = LoraLinear
+            lora_linear(lin, r, alpha, dropout)
         if "time" in parts:  # everything of att/ffn that is not an r/k/v/o/key/value Linear
             for mod in (att, ffn):
                 for p in mod.parameters(recurse=False):
@@ -79,7 +114,8 @@ def lora_state_dict(model):
 
 
 def save_lora(model, path):
-    torch.save(dict(lora_config=model.lora_config, weights=lora_state_dict(model)), path)
+    torch.save(dict(lora_config=model.lora_config, weights=lora_state_dict(model)), f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 def load_lora(model, path_or_ckpt):
@@ -99,23 +135,30 @@ def load_lora(model, path_or_ckpt):
 
 
 @torch.no_grad()
-def merged_state_dict(model, dtype=torch.bfloat16):
-    """The official layout with every W replaced by W + alpha/r * B @ A (computed in fp32); lora_* dropped."""
-    sd = {}
-    for name, t in model.state_dict().items():
+def merge_state_dict(sd, scale, dtype=torch.bfloat16):
+    """A full state dict with LoRA tensors -> the official layout: every W with a W.lora_A/B pair becomes
+    W + scale * B @ A (computed in fp32, scale = alpha / r); lora_* dropped. Works on a gathered FSDP state dict."""
+    out = {}
+    for name, t in sd.items():
         if ".lora_" in name:
             continue
-        mod = model.get_submodule(name.rsplit(".", 1)[0])
-        if isinstance(mod, LoraLinear) and name.endswith(".weight"):
-            t = t.float() + (mod.lora_B.float() @ mod.lora_A.float()) * mod.lora_scale
-        sd[name] = t.detach().to("cpu", dtype).contiguous()
-    return sd
+        prefix = name[:-len("weight")]
+        if name.endswith(".weight") and prefix + "lora_A" in sd:
+            t = t.float() + (sd[prefix + "lora_B"].float() @ sd[prefix + "lora_A"].float()) * scale
+        out[name] = t.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def merged_state_dict(model, dtype=torch.bfloat16):
+    """The merged official layout of a model that has add_lora's LoRA."""
+    return merge_state_dict(model.state_dict(), model.lora_config["alpha"] / model.lora_config["r"], dtype)
 
 
 def merge_files(base_path, lora_path, out_path, dtype=torch.bfloat16):
     from model import RWKV
     model = load_lora(RWKV.from_pretrained(base_path), lora_path)
-    torch.save(merged_state_dict(model, dtype), out_path)
+    torch.save(merged_state_dict(model, dtype), f"{out_path}.tmp")
+    os.replace(f"{out_path}.tmp", out_path)
 
 
 if __name__ == "__main__":

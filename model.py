@@ -354,7 +354,8 @@ class TimeMix(nn.Module):
         # "bonus": one scalar per (token, head), sum of r*k*r_k, times that head's value; added after ln_x
         bonus = (r.view(shape) * k.view(shape) * self.r_k).sum(dim=-1, keepdim=True) * v.view(shape)
         y = y + bonus.view(B, T, H * N)
-        return self.output(y * g), v_first, x[:, -1], wkv_state
+        # the shift state is a copy: a view x[:, -1] would keep all of x (T tokens) alive as long as the state
+        return self.output(y * g), v_first, x[:, -1].clone(), wkv_state
 
 
 class ChannelMix(nn.Module):
@@ -369,7 +370,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift=None):
         xk = x + (token_shift(x, shift) - x) * self.x_k
-        return self.value(torch.relu(self.key(xk)) ** 2), x[:, -1]
+        return self.value(torch.relu(self.key(xk)) ** 2), x[:, -1].clone()  # a copy, as in TimeMix
 
 
 class Block(nn.Module):
@@ -573,28 +574,40 @@ class RWKV(nn.Module):
         Gradients flow into the previous segment's state (full backpropagation through time), and the loss and its
         gradient equal forward(idx, targets)'s: the token-weighted mean cross-entropy over the whole sequence, with
         L2Wrap's 1e-4 / (B*T) for the whole T. Returns (None, loss, new state): no logits are kept."""
-        B, T = idx.shape
-        n_total = (targets != -1).sum()  # the mean's denominator, known before any segment runs
+        def step(idx_s, s):
+            logits, _, s = self(idx_s, state=s)
+            return logits, s
+        return None, *segmented_loss(step, idx, targets, segment_len, state, l2wrap=True)
 
-        def segment(idx_s, targets_s, state):
-            logits, _, state = self(idx_s, None, state)
-            ce_sum = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_s.reshape(-1),
-                                     ignore_index=-1, reduction="sum")
-            # L2Wrap scales its push by 1 / (B * rows of the logits it sees); these logits have T_s of T rows, so
-            # it wraps the loss scaled by T / T_s and the result is scaled back: the value and the CE gradient are
-            # unchanged, and the push on these logits becomes the full call's 1e-4 / (B*T)
-            ratio = T / idx_s.shape[1]
-            return L2Wrap.apply(ce_sum / n_total * ratio, logits) / ratio, state
 
-        loss = 0.0
-        for t in range(0, T, segment_len):
-            args = (idx[:, t:t + segment_len], targets[:, t:t + segment_len], state)
-            if t + segment_len < T and torch.is_grad_enabled():  # the last segment's backward follows at once
-                part, state = torch.utils.checkpoint.checkpoint(segment, *args, use_reentrant=False)
-            else:
-                part, state = segment(*args)
-            loss = loss + part
-        return None, loss, state
+def segmented_loss(step, idx, targets, segment_len, state, l2wrap):
+    """State checkpointing for RWKV and Hybrid: step(idx_s, state) -> (logits, new state) runs the model on one
+    segment; returns (loss, final state), the loss being the token-weighted mean cross-entropy over all of idx.
+    Every segment's head and loss run inside its checkpoint, so no segment's logits outlive it."""
+    B, T = idx.shape
+    n_total = (targets != -1).sum()  # the mean's denominator, known before any segment runs
+
+    def segment(idx_s, targets_s, state):
+        logits, state = step(idx_s, state)
+        ce_sum = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_s.reshape(-1),
+                                 ignore_index=-1, reduction="sum")
+        if not l2wrap:
+            return ce_sum / n_total, state
+        # L2Wrap scales its push by 1 / (B * rows of the logits it sees); these logits have T_s of T rows, so
+        # it wraps the loss scaled by T / T_s and the result is scaled back: the value and the CE gradient are
+        # unchanged, and the push on these logits becomes the full call's 1e-4 / (B*T)
+        ratio = T / idx_s.shape[1]
+        return L2Wrap.apply(ce_sum / n_total * ratio, logits) / ratio, state
+
+    loss = 0.0
+    for t in range(0, T, segment_len):
+        args = (idx[:, t:t + segment_len], targets[:, t:t + segment_len], state)
+        if t + segment_len < T and torch.is_grad_enabled():  # the last segment's backward follows at once
+            part, state = torch.utils.checkpoint.checkpoint(segment, *args, use_reentrant=False)
+        else:
+            part, state = segment(*args)
+        loss = loss + part
+    return loss, state
 
 
 # -----------------------------------------------------------------------------
@@ -687,7 +700,7 @@ class HybridState:
 
     def __init__(self, length=0, rwkv=None, kv=None):
         self.length, self.rwkv, self.kv = length, dict(rwkv or {}), dict(kv or {})
-        self.v_first, self.align_losses = None, []  # scratch of one forward
+        self.v_first, self.align_losses = None, []  # scratch of one layer's call (Hybrid._layer)
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         if layer_idx in self.kv:
@@ -753,6 +766,7 @@ class Hybrid(nn.Module):
                                       head_size=head_dim, dim_att=cfg.num_attention_heads * head_dim,
                                       att_bias=attn0.q_proj.bias is not None, wkv_impl=wkv_impl)
         self.slot = _Slot()
+        self.grad_checkpointing = False  # recompute each decoder layer in backward (HF's own would drop the state)
         for i in self.rwkv_layers:
             attn = layers[i].self_attn
             student = TimeMix(self.rwkv_config, i, is_first=i == self.rwkv_layers[0])
@@ -778,6 +792,22 @@ class Hybrid(nn.Module):
             train = which == "all" or (which == "student" and ".student." in name) or (
                 which == "all_but_mlp" and ".mlp." not in name)
             p.requires_grad_(train and ".teacher_attn." not in name)
+
+    def set_wkv_part_len(self, part_len):
+        """ctx_parts: every RWKV layer's WKV runs in parts of `part_len` tokens (0 = the whole sequence at once)."""
+        for i in self.rwkv_layers:
+            self.hf.model.layers[i].self_attn.student.wkv_part_len = part_len
+
+    def forward_segments(self, idx, targets, segment_len, state=None):
+        """State checkpointing, as RWKV.forward_segments: the loss of forward(idx, targets) (token-weighted mean
+        cross-entropy, no L2Wrap here) and its exact gradients, each segment but the last recomputed in backward,
+        carrying the state (RWKV layers: token shift and WKV state; v_first is per token, recomputed in each
+        segment). Kept attention layers work too, through their KV cache: that part of the memory grows with T.
+        Returns (None, loss, new state)."""
+        def step(idx_s, s):
+            logits, _, s = self(idx_s, state=s)
+            return logits, s
+        return None, *segmented_loss(step, idx, targets, segment_len, state, l2wrap=False)
 
     def drop_teacher_attention(self):
         for i in self.rwkv_layers:
@@ -805,23 +835,40 @@ class Hybrid(nn.Module):
             allowed = torch.arange(past + T, device=idx.device)[None] <= positions[0][:, None]
             mask = torch.zeros(T, past + T, dtype=x.dtype, device=idx.device)
             mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)[None, None].expand(B, 1, T, past + T)
-        self.slot.state, self.slot.align = new_state, align
-        try:
-            for layer in inner.layers:
-                x = layer(x, attention_mask=mask, position_ids=positions, past_key_values=new_state,
-                          position_embeddings=rope)
-        finally:
-            self.slot.state, self.slot.align = None, False
-        new_state.v_first = None
+        v_first, align_losses = None, []
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for i in range(len(inner.layers)):
+            own = new_state.rwkv if i in self.rwkv_layers else new_state.kv
+            args = (i, x, own.get(i), v_first, past + T, mask, positions, rope, align)
+            if checkpointing:
+                x, own[i], v_first, losses = torch.utils.checkpoint.checkpoint(self._layer, *args, use_reentrant=False)
+            else:
+                x, own[i], v_first, losses = self._layer(*args)
+            align_losses += losses
         x = inner.norm(x)
         logits = self.hf.lm_head(x[:, -1:] if last_only else x)
         loss = None
         if align:
-            loss = torch.stack(new_state.align_losses).mean()
-            new_state.align_losses = []
+            loss = torch.stack(align_losses).mean()
         elif targets is not None:
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
         return logits, loss, new_state
+
+    def _layer(self, i, x, layer_state, v_first, length, mask, positions, rope, align):
+        """Decoder layer i. Its state (RWKV: shift and WKV; attention: keys and values) and v_first come in as
+        arguments and the layer writes into a scratch HybridState of its own, so a second run (a checkpoint's
+        recompute in backward) reads the same inputs. Returns (x, the layer's new state, v_first, align losses)."""
+        own = {} if layer_state is None else {i: layer_state}
+        rwkv = i in self.rwkv_layers
+        scratch = HybridState(length, own if rwkv else {}, {} if rwkv else own)
+        scratch.v_first = v_first
+        self.slot.state, self.slot.align = scratch, align
+        try:
+            x = self.hf.model.layers[i](x, attention_mask=mask, position_ids=positions, past_key_values=scratch,
+                                        position_embeddings=rope)
+        finally:
+            self.slot.state, self.slot.align = None, False
+        return x, (scratch.rwkv if rwkv else scratch.kv)[i], scratch.v_first, scratch.align_losses
 
     # --- a hybrid directory: the teacher's config.json, hybrid.json (which layers are RWKV), model.safetensors ---
 

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from configurator import check, configure, exit_on_config_error
 from data.chat import load_examples, load_tokenizer, pack
+from lora import add_lora_hybrid, merge_state_dict
 from model import Hybrid, kl_loss, load_hf_model, teacher_targets
 
 # -----------------------------------------------------------------------------
@@ -91,6 +92,19 @@ compile = False  # torch.compile the RWKV time-mixers (GPU)
 parallel = "ddp"  # under torchrun: 'ddp', or 'fsdp' (FSDP2: fully_shard each decoder layer, then the root)
 grad_checkpointing = False
 seed = 1337
+# long context (as in train_pretrain.py; exact: the loss and gradients of one plain pass)
+ctx_parts = 1  # > 1: parts of ceil(ctx_len / ctx_parts) tokens: the WKV runs part by part, or with state_cp the model
+state_cp = False  # stage 3: the whole hybrid runs part by part, each part recomputed in backward, the state carried:
+                  # activation memory of one part (kept attention layers: their KV cache still grows with ctx_len)
+# LoRA (lora.py) on the RWKV layers of a hybrid, stages 2-3; the rest frozen. ckpt.pt holds only the trainable
+# subset (resume rebuilds the rest from init_from), out_dir/hybrid the merged model
+lora_r = 0  # > 0: the LoRA rank; 0 = off
+lora_alpha = 32.0  # the update is scaled by lora_alpha / lora_r
+lora_dropout = 0.0
+lora_parts = "att,time,ln"  # att: r/k/v/o; ffn: the MLP; time: the time-mixer's own tensors; ln: ln_x and norms
+lora_layers = ""  # e.g. '0-3 20-23'; '' = every RWKV layer
+initial_ctx_len = 0  # > 0: context warm-up: rows start this long and grow linearly to ctx_len ...
+ctx_warmup_steps = 0  # ... over this many steps (a row is cut to its first tokens)
 # -----------------------------------------------------------------------------
 with exit_on_config_error():
     config = configure(globals(), sys.argv[1:])
@@ -105,6 +119,13 @@ with exit_on_config_error():
           "batch_size must be positive")
     check(teacher_ranks == 0 or stage == 2, "teacher_ranks serve the stage-2 teacher; use 0 in stages 1 and 3")
     check(parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    check(ctx_parts >= 1, f"need ctx_parts >= 1, got {ctx_parts}")
+    check(not state_cp or stage == 3, f"state_cp is for stage 3 (SFT), not stage {stage}: stages 1 and 2 compare "
+          "every position with the teacher; use ctx_parts there")
+    check(not lora_r or (stage > 1 and init_from != "teacher"), "LoRA trains a hybrid from an earlier stage in "
+          "stage 2 or 3: set stage=2 or 3 and init_from=that run's out_dir/hybrid (or resume)")
+    check(0 <= initial_ctx_len <= ctx_len and ctx_warmup_steps >= 0,
+          f"need 0 <= initial_ctx_len ({initial_ctx_len}) <= ctx_len ({ctx_len}) and ctx_warmup_steps >= 0")
 trainable = trainable or ("student" if stage == 1 else "all")
 
 # --- distributed setup: trainer ranks first, then teacher ranks ---------------------------------------------
@@ -206,6 +227,17 @@ if is_teacher_rank:
     sys.exit(0)
 
 # --- trainer ranks: data ---------------------------------------------------------------------------------------
+ckpt = None
+if init_from == "resume":  # the checkpoint names the model, and with it the tokenizer
+    if not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        raise SystemExit(f"error: init_from='resume' but there is no {out_dir}/ckpt.pt")
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
+    init_from = ckpt["config"]["init_from"]
+    lora_r, lora_alpha, lora_dropout, lora_parts, lora_layers = (ckpt["config"].get(k, v) for k, v in (
+        ("lora_r", 0), ("lora_alpha", 0), ("lora_dropout", 0), ("lora_parts", ""), ("lora_layers", "")))
+    # saved again with the next checkpoint, so that it too resumes from the right model
+    config.update(init_from=init_from, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                  lora_parts=lora_parts, lora_layers=lora_layers)
 tok = load_or_exit("tokenizer", load_tokenizer, base or init_from)  # a hybrid directory carries its tokenizer
 if val_data:
     val_x, val_y = pack(load_examples(val_data, tok, data_cache), ctx_len)
@@ -241,10 +273,6 @@ def get_batch(step, micro, split="train"):
 
 
 # --- model -----------------------------------------------------------------------------------------------------
-ckpt = None
-if init_from == "resume":
-    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
-    init_from = ckpt["config"]["init_from"]
 if init_from == "teacher":
     model = Hybrid(load_or_exit("base model", load_hf_model, base, dtype=torch.float32), rwkv_layers,
                    keep_teacher_attention=stage == 1)
@@ -254,16 +282,26 @@ if stage > 1:
     model.drop_teacher_attention()
     if untie_embeddings:
         model.untie_embeddings()
-if ckpt is not None:
-    model.load_state_dict(ckpt["model"])
 model.set_trainable(trainable)
+if lora_r:  # only the LoRA subset trains
+    try:
+        add_lora_hybrid(model, lora_r, lora_alpha, lora_dropout, lora_parts, lora_layers)
+    except ValueError as e:  # bad lora_parts or lora_layers
+        raise SystemExit(f"error: {e}") from None
+if ckpt is not None:  # with LoRA: the trainable subset, the rest is init_from's
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=not lora_r)
+    if unexpected or any(model.get_parameter(k).requires_grad for k in missing):
+        raise SystemExit(f"error: {out_dir}/ckpt.pt does not match the model built from {init_from}")
 model.to(device)
-if grad_checkpointing:
-    model.hf.gradient_checkpointing_enable()
+model.grad_checkpointing = grad_checkpointing  # the hybrid's own per-layer recompute (HF's drops the state)
+part_len = -(-ctx_len // ctx_parts)  # tokens per part (the last part of a row may be shorter)
+if ctx_parts > 1 and not state_cp:
+    model.set_wkv_part_len(part_len)
 vocab_size = model.config.vocab_size
 n_train_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 print0(f"hybrid: {len(model.rwkv_layers)} of {len(model.hf.model.layers)} layers RWKV, stage {stage}, "
-       f"training '{trainable}': {n_train_params / 1e6:.2f}M parameters")
+       f"training {f'a LoRA (r={lora_r}, {lora_parts})' if lora_r else repr(trainable)}: "
+       f"{n_train_params / 1e6:.2f}M parameters")
 
 teacher_model = None
 if stage == 2 and teacher_ranks == 0:
@@ -287,6 +325,9 @@ if distributed and parallel == "fsdp":
     for layer in model.hf.model.layers:  # one all-gather per decoder layer in forward and in backward
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)  # the root holds the embedding, final norm and head
+elif distributed and state_cp:  # no DDP wrapper: gradients averaged by all_reduce_grads; start from rank 0's weights
+    for p in model.parameters():
+        dist.broadcast(p.data, 0, group=trainer_group)
 elif distributed:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None,
                                                       process_group=trainer_group)
@@ -296,10 +337,35 @@ optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), ep
                               weight_decay=weight_decay, fused=use_cuda)
 step = 0
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0; every trainer takes part
+SAVED = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=bool(lora_r))  # LoRA: trainable
 if ckpt is not None:
     set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
     step = ckpt["step"]
     torch.set_rng_state(ckpt["rng"])
+
+
+def all_reduce_grads(bucket_numel=2 ** 25):
+    """DDP's gradient average, by hand, for state_cp: forward_segments calls the model once per segment and
+    recomputes segments inside backward, while DDP's reducer wants one DDP.forward and each gradient ready once."""
+    grads = [p.grad for p in params if p.grad is not None]
+    while grads:
+        n, size = 0, 0
+        while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket_numel):
+            size, n = size + grads[n].numel(), n + 1
+        flat = torch.cat([g.flatten() for g in grads[:n]])
+        dist.all_reduce(flat, group=trainer_group)  # a sum: gloo has no AVG
+        flat /= n_trainers
+        for g, f in zip(grads[:n], flat.split([g.numel() for g in grads[:n]])):
+            g.copy_(f.view_as(g))
+        grads = grads[n:]
+
+
+def sample_len(step):
+    """Context warm-up: the row length at `step`, linear from initial_ctx_len to ctx_len over ctx_warmup_steps (a
+    pure function of the step, so a resumed run continues at the right length)."""
+    if initial_ctx_len <= 0 or step >= ctx_warmup_steps:
+        return ctx_len
+    return initial_ctx_len + (ctx_len - initial_ctx_len) * step // ctx_warmup_steps
 
 
 def lr_at(step):
@@ -315,7 +381,10 @@ def compute_loss(x, y, teacher_target=None, extra=False):
         if stage == 1:
             _, loss, _ = model(x, align=True)
             return loss, {"align": loss.item()}
-        logits, ce, _ = model(x, y)
+        if state_cp:  # stage 3 only: no logits kept
+            logits, ce, _ = raw_model.forward_segments(x, y, part_len)
+        else:
+            logits, ce, _ = model(x, y)
     if stage == 3:
         return ce, {"ce": ce.item()}
     terms = {}
@@ -353,10 +422,13 @@ def evaluate():
 
 
 def save():
-    sd, opt_sd = get_model_state_dict(raw_model, options=FULL), get_optimizer_state_dict(raw_model, optimizer, options=FULL)
+    sd, opt_sd = get_model_state_dict(raw_model, options=SAVED), get_optimizer_state_dict(raw_model, optimizer, options=FULL)
+    full = get_model_state_dict(raw_model, options=FULL) if lora_r else sd
     if not master:
         return
-    raw_model.save_pretrained(os.path.join(out_dir, "hybrid"), state_dict=sd)
+    if lora_r:  # the hybrid directory holds the merged model: loadable as any hybrid
+        full = merge_state_dict(full, lora_alpha / lora_r, dtype=torch.float32)
+    raw_model.save_pretrained(os.path.join(out_dir, "hybrid"), state_dict=full)
     tok.save_pretrained(os.path.join(out_dir, "hybrid"))
     state = dict(model=sd, optimizer=opt_sd, step=step, config=config, rng=torch.get_rng_state())
     torch.save(state, os.path.join(out_dir, "ckpt.pt.tmp"))
@@ -417,10 +489,11 @@ while step < max_steps and not stop_requested and not (exit_step and step >= exi
     terms_sum = {}
     for micro in range(grad_accum):
         x, y = get_batch(step, micro)
+        x, y = x[:, :sample_len(step)], y[:, :sample_len(step)]
         target = ask_teacher(x) if stage == 2 and teacher_ranks else None
         if distributed and parallel == "fsdp":
             model.set_requires_gradient_sync(micro == grad_accum - 1)
-        elif distributed:
+        elif distributed and not state_cp:
             model.require_backward_grad_sync = micro == grad_accum - 1
         loss, terms = compute_loss(x, y, target)
         if distributed and stage > 1:  # token-weighted mean over ranks: DDP averages gradients, so weigh by our share
@@ -432,6 +505,8 @@ while step < max_steps and not stop_requested and not (exit_step and step >= exi
         (loss / grad_accum).backward()
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + v / grad_accum
+    if distributed and parallel == "ddp" and state_cp:
+        all_reduce_grads()
     if distributed:  # log the mean over trainer ranks
         vals = torch.tensor(list(terms_sum.values()), device=device)
         dist.all_reduce(vals, group=trainer_group)
@@ -451,11 +526,12 @@ while step < max_steps and not stop_requested and not (exit_step and step >= exi
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
-    tokens_seen += global_batch * grad_accum * ctx_len
+    tokens_seen += global_batch * grad_accum * x.shape[1]
     if step % log_interval == 0 or step == max_steps:
         dt = time.time() - t0
         line = (f"step {step}/{max_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in terms_sum.items())
-                + f" | lr {lr:.2e} | gnorm {grad_norm.item():.3f} | tok/s {tokens_seen / dt:,.0f}")
+                + f" | lr {lr:.2e} | gnorm {grad_norm.item():.3f} | tok/s {tokens_seen / dt:,.0f}"
+                + (f" | ctx {x.shape[1]}" if initial_ctx_len else ""))
         print0(line)
         if master:
             with open(os.path.join(out_dir, "log.txt"), "a") as f:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from configurator import ConfigError, check, configure, exit_on_config_error
 from data.binidx import BinIdx, check_magic_prime, load_meta, open_dataset, sample_offset
 from data.binidx import magic_prime as find_magic_prime
-from lora import add_lora, merged_state_dict
+from lora import add_lora, merge_state_dict
 from model import RWKV, RWKVConfig
 
 # -----------------------------------------------------------------------------
@@ -76,10 +76,10 @@ grad_checkpointing = False   # recompute each block in backward: much less activ
 ctx_parts = 1                # > 1: parts of ceil(ctx_len / ctx_parts) tokens: the WKV runs part by part (kernel scratch
                              # of one part), or with state_cp the whole model does
 state_cp = False             # state checkpointing: the whole model runs part by part, each part recomputed in backward,
-                             # gradients through the carried state: activation memory of one part (one process only)
+                             # gradients through the carried state: activation memory of one part
 initial_ctx_len = 0          # > 0: context warm-up: samples start this long and grow linearly to ctx_len ...
 ctx_warmup_steps = 0         # ... over this many steps (a sample is the first tokens of its ctx_len window)
-# LoRA (lora.py) on init_from = a .pth, the rest frozen; one process. ckpt.pt and lora-*.pth hold only the trainable
+# LoRA (lora.py) on init_from = a .pth, the rest frozen. ckpt.pt and lora-*.pth hold only the trainable
 # subset (resume reloads the base .pth), rwkv-final.pth is the merged model
 lora_r = 0                   # > 0: the LoRA rank; 0 = off
 lora_alpha = 32.0            # the update is scaled by lora_alpha / lora_r
@@ -105,9 +105,8 @@ with exit_on_config_error():
     check(epoch_samples % samples_per_step == 0, f"epoch_samples ({epoch_samples}) must be a multiple of the global "
           f"batch {samples_per_step} (batch_size * gradient_accumulation_steps * {world_size} processes)")
     check(parallel in ('ddp', 'fsdp'), f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
-    check(ctx_parts >= 1 and not (state_cp and world_size > 1), "need ctx_parts >= 1; state_cp runs on one process")
-    check(lora_r == 0 or (init_from != 'scratch' and world_size == 1), "LoRA needs init_from=a .pth or resume, "
-          "on one process")
+    check(ctx_parts >= 1, f"need ctx_parts >= 1, got {ctx_parts}")
+    check(lora_r == 0 or init_from != 'scratch', "LoRA needs init_from=a .pth (or resume), not 'scratch'")
     check(0 <= initial_ctx_len <= ctx_len and ctx_warmup_steps >= 0,
           f"need 0 <= initial_ctx_len ({initial_ctx_len}) <= ctx_len ({ctx_len}) and ctx_warmup_steps >= 0")
     check(dtype in ('auto', 'bfloat16', 'float32'), f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
@@ -251,10 +250,30 @@ if ddp and parallel == 'fsdp':
     for block in raw_model.blocks:  # one all-gather per block in forward and in backward
         fully_shard(block, mp_policy=mp)
     fully_shard(raw_model, mp_policy=mp)  # the root holds emb, ln_out and head
-elif ddp:
+elif ddp and not state_cp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = DDP(raw_model, device_ids=[local_rank] if device_type == 'cuda' else None)
+elif ddp:  # state_cp: no DDP wrapper, gradients averaged by all_reduce_grads below; start from rank 0's weights
+    for p in raw_model.parameters():
+        dist.broadcast(p.data, 0)
 params = dict(raw_model.named_parameters())
+
+def all_reduce_grads(bucket_numel=2 ** 25):
+    """DDP's gradient average, by hand, for state_cp: forward_segments calls the model once per segment and
+    recomputes segments inside backward, while DDP's reducer wants one DDP.forward and each gradient ready once.
+    So the gradients accumulate locally and are averaged here, after the step's last backward (flat buckets)."""
+    grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+    while grads:
+        n, size = 0, 0
+        while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket_numel):
+            size, n = size + grads[n].numel(), n + 1
+        flat = torch.cat([g.flatten() for g in grads[:n]])
+        dist.all_reduce(flat)  # a sum: gloo has no AVG
+        flat /= world_size
+        for g, f in zip(grads[:n], flat.split([g.numel() for g in grads[:n]])):
+            g.copy_(f.view_as(g))
+        grads = grads[n:]
+
 optimizer = torch.optim.AdamW([g | dict(params=[params[n] for n in g['params']]) for g in groups], lr=learning_rate,
                               betas=(beta1, beta2), eps=adam_eps, fused=device_type == 'cuda')
 
@@ -328,6 +347,8 @@ def get_lr(step):
     return lr * (0.01 + 0.99 * step / warmup_iters) if step < warmup_iters else lr
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 (every rank must take part)
+# LoRA: only the trainable subset is gathered and saved (the frozen rest is the base .pth)
+SAVED = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=bool(lora_base))
 
 def save_official(sd, name):
     """The official .pth layout (bf16, the authors' names) from a full state dict."""
@@ -335,12 +356,13 @@ def save_official(sd, name):
 
 def save_lora(sd, name):
     """What lora.load_lora reads: the settings and the trainable tensors (merge: python lora.py BASE LORA OUT)."""
-    torch.save(dict(lora_config=raw_model.lora_config, weights=sd), os.path.join(out_dir, name))
+    path = os.path.join(out_dir, name)
+    torch.save(dict(lora_config=raw_model.lora_config, weights=sd), path + '.tmp')
+    os.replace(path + '.tmp', path)
 
 def save_checkpoint(step, final):
-    sd, opt_sd = get_model_state_dict(raw_model, options=FULL), get_optimizer_state_dict(raw_model, optimizer, options=FULL)
-    if lora_base:  # only what trains; the frozen rest is the base .pth
-        sd = {k: v for k, v in sd.items() if raw_model.get_parameter(k).requires_grad}
+    sd, opt_sd = get_model_state_dict(raw_model, options=SAVED), get_optimizer_state_dict(raw_model, optimizer, options=FULL)
+    full = get_model_state_dict(raw_model, options=FULL) if lora_base and final else None  # for the merged file
     if master:
         rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state() if device_type == 'cuda' else None)
@@ -354,7 +376,8 @@ def save_checkpoint(step, final):
             save_lora(sd, 'lora-latest.pth')
             if final:  # the merged model, in the official layout
                 merged = os.path.join(out_dir, 'rwkv-latest.pth')
-                torch.save(merged_state_dict(raw_model), merged + '.tmp')
+                lora = raw_model.lora_config
+                torch.save(merge_state_dict(full, lora['alpha'] / lora['r']), merged + '.tmp')
                 os.replace(merged + '.tmp', merged)
         else:
             save_official(sd, 'rwkv-latest.pth')
@@ -419,15 +442,17 @@ while True:
     loss_sum = torch.zeros((), device=device)
     for micro in range(gradient_accumulation_steps):
         sync = micro == gradient_accumulation_steps - 1  # reduce gradients on the last micro-step only
-        if ddp and parallel == 'ddp':
+        if ddp and parallel == 'ddp' and not state_cp:
             model.require_backward_grad_sync = sync
-        elif ddp:
+        elif ddp and parallel == 'fsdp':
             model.set_requires_gradient_sync(sync)
         with ctx:
             loss = loss_of(model, x, y) / gradient_accumulation_steps
         x, y = train_batch(step + 1, 0) if sync else train_batch(step, micro + 1)  # prefetch while the GPU works
         loss.backward()
         loss_sum += loss.detach()
+    if ddp and parallel == 'ddp' and state_cp:
+        all_reduce_grads()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # a DTensor under FSDP
     # one small all-reduce and one sync per step (the authors have one too): the mean loss for the logs, the
@@ -456,9 +481,9 @@ while True:
             train_log.write(f"{epoch} {mean:.6f} {math.exp(mean):.4f} {lr:.8f} {datetime.datetime.now()} "
                             f"{epoch - start_step // steps_per_epoch}\n"), train_log.flush()
         if epoch_save and epoch % epoch_save == 0:
-            sd = get_model_state_dict(raw_model, options=FULL)
+            sd = get_model_state_dict(raw_model, options=SAVED)
             if master and lora_base:
-                save_lora({k: v for k, v in sd.items() if raw_model.get_parameter(k).requires_grad}, f"lora-{epoch}.pth")
+                save_lora(sd, f"lora-{epoch}.pth")
             elif master:
                 save_official(sd, f"rwkv-{epoch}.pth")
         epoch_loss, epoch_steps = 0.0, 0

@@ -162,3 +162,87 @@ def test_bad_input_is_one_line(tiny_teacher, chat_data, args, message):
                           f"--data={chat_data}", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode != 0 and len(lines) == 1 and lines[0].startswith(message), out.stderr[-2000:]
+
+
+def test_stage3_long_context_options(tiny_teacher, chat_data, tmp_path):
+    """Stage 3 of an all-RWKV hybrid with state_cp (parts of 22, 22, 20 tokens) and a context warm-up 16 -> 64 over
+    6 steps, stopped at step 5 and resumed: the loss falls, the warm-up is in the log and resumes at the right
+    length, and every step's loss equals that of an uninterrupted run with ctx_parts=3 and per-layer gradient
+    checkpointing instead (all three are exact)."""
+    common = [f"--base={tiny_teacher}", "--stage=3", f"--data={chat_data}", "--ctx_len=64", "--batch_size=4",
+              "--eval_batches=4", "--log_interval=1", "--warmup_steps=2", "--max_steps=12", "--learning_rate=3e-3",
+              "--eval_interval=1000", "--save_interval=1000", "--initial_ctx_len=16", "--ctx_warmup_steps=6",
+              "--ctx_parts=3"]
+    parts = run(common + [f"--out_dir={tmp_path}/parts", "--grad_checkpointing=True"])
+    cp = common + [f"--out_dir={tmp_path}/cp", "--state_cp=True"]
+    cp_log = run(cp + ["--exit_step=5"]) + run(cp + ["--init_from=resume"])
+    ctx = [int(n) for n in re.findall(r"\| ctx (\d+)", cp_log)]
+    assert ctx == [16, 24, 32, 40, 48, 56, 64, 64, 64, 64, 64, 64] == [int(n) for n in re.findall(r"\| ctx (\d+)", parts)]
+    val = values(cp_log, "val", "ce")
+    assert val[-1] < val[0] - 0.3, cp_log
+    got, want = values(cp_log, "train", "ce"), values(parts, "train", "ce")
+    assert len(got) == len(want) == 12 and max(abs(a - b) for a, b in zip(got, want)) <= 2e-4, (got, want)
+
+
+def test_state_cp_outside_stage_3_is_one_line(tiny_teacher, chat_data):
+    out = subprocess.run([sys.executable, "train_distill.py", "--device=cpu", f"--base={tiny_teacher}",
+                          f"--data={chat_data}", "--stage=2", "--state_cp=True"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0 and out.stderr.strip().startswith("error: state_cp is for stage 3 (SFT), not stage 2")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_stage3_lora(tiny_teacher, chat_data, tmp_path):
+    """LoRA on the RWKV layers of a hybrid in stage 3, with state_cp: the loss falls; ckpt.pt holds only the trainable
+    subset; stopped at step 4 and resumed it equals the uninterrupted run bit for bit; out_dir/hybrid is the merged
+    model, whose logits equal the unmerged LoRA model's (fp32, <= 1e-4)."""
+    import transformers
+    from helpers import rel_err
+    from lora import add_lora_hybrid
+    from model import Hybrid
+    hybrid = Hybrid(transformers.AutoModelForCausalLM.from_pretrained(tiny_teacher), "all")
+    hybrid.save_pretrained(tmp_path / "base")
+    transformers.AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(tmp_path / "base")
+    lora = dict(r=4, alpha=8, dropout=0.0, parts="att,ffn,time,ln", layers="1-2")
+    common = ["--stage=3", f"--init_from={tmp_path}/base", f"--data={chat_data}", "--ctx_len=64", "--batch_size=4",
+              "--eval_batches=4", "--log_interval=1", "--warmup_steps=2", "--max_steps=8", "--learning_rate=1e-2",
+              "--eval_interval=1000", "--save_interval=1000", "--state_cp=True", "--ctx_parts=2",
+              *(f"--lora_{k}={v}" for k, v in lora.items())]
+    straight = run(common + [f"--out_dir={tmp_path}/straight"])
+    assert "training a LoRA (r=4, att,ffn,time,ln)" in straight
+    val = values(straight, "val", "ce")
+    assert val[-1] < val[0] - 0.1, straight  # deterministic validation: the same rows every time
+    run(common + [f"--out_dir={tmp_path}/split", "--exit_step=4"])
+    run(["--init_from=resume", f"--data={chat_data}", "--stage=3", "--ctx_len=64", "--batch_size=4",
+         "--eval_batches=4", "--warmup_steps=2", "--max_steps=8", "--learning_rate=1e-2", "--eval_interval=1000",
+         "--save_interval=1000", "--state_cp=True", "--ctx_parts=2", f"--out_dir={tmp_path}/split"])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("straight", "split"))
+    assert a["step"] == b["step"] == 8 and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    model = add_lora_hybrid(Hybrid.from_pretrained(tmp_path / "base"), **lora)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(a["model"]) == trainable and "hf.model.layers.1.mlp.up_proj.lora_B" in trainable
+    assert not any(".layers.0." in n or ".layers.3." in n for n in trainable)
+    model.load_state_dict(a["model"], strict=False)
+    merged, base = Hybrid.from_pretrained(tmp_path / "straight" / "hybrid"), Hybrid.from_pretrained(tmp_path / "base")
+    idx = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model.eval()(idx)[0]
+        assert rel_err(merged.eval()(idx)[0], logits) <= 1e-4
+        assert rel_err(base.eval()(idx)[0], logits) > 1e-3  # the LoRA changed the model
+
+
+def test_stage3_state_cp_under_torchrun(tiny_teacher, chat_data, tmp_path):
+    """Stage 3 with state_cp on 2 trainer ranks x batch 2 (DDP: gradients averaged by hand; FSDP2) gives the losses
+    and weights of one process with batch 4 (<= 1e-4 on the 4-decimal log, <= 1e-5 on the weights)."""
+    common = [f"--base={tiny_teacher}", "--stage=3", f"--data={chat_data}", "--ctx_len=64", "--eval_batches=2",
+              "--log_interval=1", "--warmup_steps=2", "--max_steps=4", "--learning_rate=3e-3", "--eval_interval=1000",
+              "--save_interval=1000", "--state_cp=True", "--ctx_parts=3"]
+    want = values(run(common + ["--batch_size=4", f"--out_dir={tmp_path}/one"]), "train", "ce")
+    w1 = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
+    for parallel in ("ddp", "fsdp"):
+        got = values(run(common + ["--batch_size=2", f"--out_dir={tmp_path}/{parallel}", f"--parallel={parallel}"],
+                         nproc=2), "train", "ce")
+        assert len(got) == len(want) == 4 and max(abs(a - b) for a, b in zip(got, want)) <= 1e-4, (parallel, got, want)
+        w2 = torch.load(tmp_path / parallel / "ckpt.pt", weights_only=False)["model"]
+        assert w1.keys() == w2.keys() and max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5, parallel

@@ -1,6 +1,6 @@
 """lora.py: after a few training steps the merged model equals the LoRA model, loads with RWKV.from_pretrained and
 in the `rwkv` package; only the trainable subset is saved; a LoRA checkpoint resumes; the layer filter holds; and
-the same through train_pretrain.py (lora_r > 0)."""
+the same through train_pretrain.py (lora_r > 0), also under torchrun (DDP, FSDP2)."""
 import pytest
 import torch
 
@@ -129,3 +129,38 @@ def test_trainer_lora_resume_and_merge(shakespeare, tmp_path):
     with torch.no_grad():  # rwkv-final.pth is bf16, like every official file: compare at bf16 precision
         assert rel_err(merged(idx)[0], model(idx)[0]) <= 2e-2
         assert rel_err(model(idx)[0], RWKV.from_pretrained(base).eval()(idx)[0]) > 1e-3  # LoRA changed it
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_trainer_lora_under_torchrun(shakespeare, tmp_path, parallel):
+    """LoRA with 2 processes x batch 4 (gloo) = 1 process x batch 8 over 5 steps: the same losses (<= 1e-5), the same
+    trainable tensors and Adam moments (<= 1e-5), the same merged rwkv-final.pth. DDP runs with state_cp too (its
+    hand-made gradient average over the trainable subset); FSDP2 stops at step 2 and resumes: ckpt.pt holds the
+    gathered trainable subset, unsharded, and the resumed run continues exactly. No dropout: its masks depend on
+    how the batch is split."""
+    from test_pretrain import TINY, TORCHRUN, assert_same_state, ckpt, epoch_lines, train
+    base = tmp_path / "base.pth"
+    random_model(seed=2, n_layer=2, n_embd=64, vocab_size=65).save_pretrained(base, dtype=torch.float32)
+    common = [f"--data_dir={shakespeare}", *TINY, "--max_iters=5", "--eval_interval=100", f"--init_from={base}",
+              "--lora_r=4", "--lora_alpha=8", "--lora_layers=1"]
+    train(f"--out_dir={tmp_path / 'one'}", *common)
+    run = [f"--out_dir={tmp_path / 'two'}", *common, "--batch_size=4", f"--parallel={parallel}"]
+    if parallel == "ddp":
+        train(*run, "--state_cp=True", "--ctx_parts=3", launcher=TORCHRUN)
+    else:
+        train(*run, "--exit_step=2", launcher=TORCHRUN)
+        cut = ckpt(tmp_path / "two")
+        assert cut["step"] == 2 and cut["model"] and all(k.startswith("blocks.1.") for k in cut["model"])
+        assert all(type(v) is torch.Tensor for v in cut["model"].values())  # gathered, not DTensor shards
+        resumed = train(*run[:-2], "--init_from=resume", "--batch_size=4", f"--parallel={parallel}",
+                        launcher=TORCHRUN)
+        assert "resumed from" in resumed.stdout
+    ours, ref = epoch_lines(tmp_path / "two"), epoch_lines(tmp_path / "one")
+    assert [(e, lr) for e, _, lr in ours] == [(e, lr) for e, _, lr in ref] and len(ref) == 5
+    assert max(abs(float(a) - float(b)) for (_, a, _), (_, b, _) in zip(ours, ref)) <= 1e-5, (ours, ref)
+    a, b = ckpt(tmp_path / "two"), ckpt(tmp_path / "one")
+    trainable = set(torch.load(tmp_path / "one" / "lora-latest.pth", weights_only=True)["weights"])
+    assert set(a["model"]) == trainable and "blocks.1.att.key.lora_B" in trainable
+    assert_same_state(a, b, atol=1e-5)
+    merged = [torch.load(tmp_path / d / "rwkv-final.pth", weights_only=True) for d in ("one", "two")]
+    assert merged[0].keys() == merged[1].keys() and all(rel_err(merged[1][k], merged[0][k]) <= 8e-3 for k in merged[0])
