@@ -85,10 +85,23 @@ def tokenize_records(records, tok, path=""):
     return examples
 
 
+def binidx_examples(path, tok):
+    """The documents of a binidx file (each already ends with its end-of-text id), all tokens trained."""
+    from data.binidx import BinIdx
+    data = BinIdx(path)
+    if data.num_tokens and int(data.tokens.max()) >= len(tok):
+        raise ValueError(f"{path} holds token id {int(data.tokens.max())}, beyond the tokenizer's {len(tok)} ids: it "
+                         f"was written with another tokenizer (write it with data/prepare.py --tokenizer=hf:<teacher>)")
+    return [(np.asarray(data.doc(i), dtype=np.int32), np.ones(int(data.sizes[i]), dtype=np.uint8))
+            for i in range(len(data))]
+
+
 def load_examples(path, tok, cache_dir=""):
-    """[(ids, mask)] (numpy arrays) from a .jsonl/.json/.txt file. Rendering and tokenising a large file takes
+    """[(ids, mask)] (numpy arrays) from a .jsonl/.json/.txt file or a binidx .bin/.idx file. Rendering and tokenising a large file takes
     minutes, so with a cache_dir the result is kept there, under a key covering the file (path, size, time) and the
     tokenizer (vocabulary, special tokens, chat template): a changed file or tokenizer makes a new entry."""
+    if path.endswith((".bin", ".idx")):  # binidx (data/prepare.py): documents of ids, every token trained
+        return binidx_examples(path, tok)
     st = os.stat(path)
     ident = [os.path.abspath(path), st.st_size, st.st_mtime_ns, len(tok), tok.eos_token_id,
              getattr(tok, "chat_template", None),

@@ -230,3 +230,21 @@ def test_prepare_local_text_split_and_holdout(tmp_path):
     assert held and train and not {file_of(t) for t in train} & {file_of(t) for t in held}
     assert all(len(t) < 1000 + 400 for t in train + held) and len(train) + len(held) >= 20 * 3
     assert not any("x x x" in t for t in train + held)
+
+
+def test_distillation_reads_binidx(data_dir, tmp_path):
+    """A binidx file written with the teacher's tokenizer loads as documents trained on every token; one written
+    with a larger vocabulary is refused with a message naming the fix."""
+    from data.chat import load_examples, load_tokenizer, pack
+    tok = load_tokenizer(os.path.join(data_dir, "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    docs = [tok.encode(t, add_special_tokens=False) for t in ("First document.", "The second one, a bit longer.")]
+    write_binidx(str(tmp_path / "d"), docs, np.uint16, tok.eos_token_id)
+    examples = load_examples(str(tmp_path / "d.bin"), tok)
+    assert [list(e[0]) for e in examples] == [d + [tok.eos_token_id] for d in docs]
+    assert all(e[1].all() for e in examples)
+    x, y = pack(examples, 4)
+    n = sum(len(d) + 1 for d in docs)
+    assert (y >= 0).all() and x.shape == ((n - 1) // 4, 4)
+    write_binidx(str(tmp_path / "w"), [[60000, 1]], np.uint16, 0)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        load_examples(str(tmp_path / "w.idx"), tok)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data.chat import load_tokenizer, render_chat
 from model import kl_loss, teacher_targets
@@ -112,6 +113,21 @@ def test_stages_2_and_3(tiny_teacher, chat_data, tmp_path):
                "--max_steps=30", "--learning_rate=3e-3", "--eval_interval=1000", "--topk=64"] + common)
     kl = values(log, "val", "kl")
     assert kl[1] < 0.9 * kl[0], log
+    # eval_only on held-out data: the perplexities it prints are exp of the token-mean CE over the first rows
+    log = run(["--stage=2", f"--init_from={tmp_path}/s2/hybrid", f"--base={tiny_teacher}", "--data=",
+               f"--val_data={chat_data}", "--eval_only=True", "--eval_batches=2", "--batch_size=4", "--ctx_len=64"])
+    got = [float(v) for v in re.search(r"student ppl ([\d.]+) \| teacher ppl ([\d.]+) \| ratio [\d.]+ \| top-1 "
+                                       r"agreement ([\d.]+)", log).groups()]
+    from data.chat import load_examples, pack
+    from model import Hybrid, load_hf_model
+    x, y = (t[:8] for t in pack(load_examples(chat_data, load_tokenizer(tiny_teacher)), 64))
+    valid = y >= 0
+    with torch.no_grad():
+        ls = Hybrid.from_pretrained(f"{tmp_path}/s2/hybrid").eval()(x)[0]
+        lt = load_hf_model(tiny_teacher).eval()(x).logits
+    want = [F.cross_entropy(ls[valid], y[valid]).exp().item(), F.cross_entropy(lt[valid], y[valid]).exp().item(),
+            (ls.argmax(-1) == lt.argmax(-1))[valid].float().mean().item()]
+    assert all(abs(g - w) <= 1e-3 * max(1.0, w) for g, w in zip(got, want)), (got, want)
     log = run(["--stage=3", f"--init_from={tmp_path}/s2/hybrid", f"--out_dir={tmp_path}/s3", "--max_steps=15",
                "--learning_rate=3e-3", "--eval_interval=1000"] + common)
     ce = values(log, "val", "ce")
