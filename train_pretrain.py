@@ -507,4 +507,5 @@ if master:
     mem = f" | peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device_type == 'cuda' else ""
     print0(f"{why}: step {step} | {(time.time() - t_start) / 60:.1f} min{val}{mem}")
 if ddp:
+    dist.barrier()  # all ranks finish before any tears down (a rank leaving early once aborted gloo)
     dist.destroy_process_group()

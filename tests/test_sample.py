@@ -270,8 +270,12 @@ def test_hybrid_directory(tmp_path):
     batch = generate(model, logits.expand(3, -1), expand_state(state, 3), 12, gens)[0]
     for i in range(3):
         assert generate(model, logits, state, 12, [torch.Generator().manual_seed(i)])[0][0] == batch[i]
-    with pytest.raises(ValueError, match="RWKV-only"):
-        cat_states([state, state])
+    two = cat_states([state, state])  # prompts of equal length stack: their KV caches match
+    assert generate(model, torch.cat([logits, logits]), two, 8, [torch.Generator()] * 2, temperature=0)[0] == \
+        [tokens[:8]] * 2
+    _, longer = prefill(model, prompt + [5])
+    with pytest.raises(ValueError, match="equal token lengths"):
+        cat_states([state, longer])
 
 
 # --- streaming text -----------------------------------------------------------------------------------------------
