@@ -8,7 +8,7 @@ nanoGPT's configurator, hardened. A trainer defines its defaults as module globa
 Every name a config file sets must already be a default (names starting with '_' are scratch), so a
 typo is an error with a suggestion, not a silently ignored line. Errors are ConfigError: one line, exit 2.
 """
-import ast, contextlib, difflib, os, sys
+import ast, contextlib, difflib, json, os, signal, sys, time
 
 class ConfigError(Exception):
     """A bad config file, override or cross-check; scripts print it as one line (exit_on_config_error)."""
@@ -88,3 +88,31 @@ def exit_on_config_error():
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+# ----------------------------------------------------------------------------------------------
+# The start of a training run, the same in every trainer
+
+class StopFlag:
+    """Set by Ctrl+C (SIGINT) or SIGTERM: the loop finishes its step, saves and exits, so no work is lost."""
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame):
+        self.requested = True
+
+def start_run(out_dir, config, header, wandb_log=False, wandb_project='', wandb_run_name='', say=print):
+    """Rank 0: out_dir/log.txt gets a dated header line and the config; wandb starts when asked (not installed,
+    no login or no network only switch it off). -> the wandb run, or None."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'log.txt'), 'a') as f:
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {header}\n# config {json.dumps(config)}\n")
+    if not wandb_log:
+        return None
+    try:
+        import wandb
+        return wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+    except Exception as e:  # keep training
+        say(f"wandb disabled ({type(e).__name__}: {e})")
+        return None

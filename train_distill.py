@@ -18,10 +18,8 @@ of trainer ranks through torch.distributed (NCCL on GPU, gloo on CPU), batching 
 sending back logits (full, or top-k). Output: out_dir/hybrid (a directory model.Hybrid.from_pretrained and
 sample.py load) and out_dir/ckpt.pt (optimizer, step, RNG: exact resume with init_from='resume').
 """
-import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
-from configurator import check, configure, exit_on_config_error
+from configurator import StopFlag, check, configure, exit_on_config_error, start_run
 from data.chat import load_examples, load_tokenizer, pack
 from lora import add_lora_hybrid, merge_state_dict
 from model import Hybrid, kl_loss, load_hf_model, teacher_targets
@@ -437,28 +435,9 @@ def save():
 
 
 # --- training loop ---------------------------------------------------------------------------------------------
-stop_requested = False
-
-
-def request_stop(signum, frame):
-    global stop_requested
-    stop_requested = True  # finish this step, save, exit
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "log.txt"), "a") as f:
-        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} torch {torch.__version__} device {device} "
-                f"world {world} ({teacher_ranks} teacher ranks)\n# config {json.dumps(config)}\n")
-run = None
-if wandb_log and master:
-    try:
-        import wandb
-        run = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
-    except Exception as e:  # not installed, offline, no key: keep training
-        print0(f"wandb disabled ({type(e).__name__}: {e})")
+stop_flag = StopFlag()
+run = start_run(out_dir, config, f"torch {torch.__version__} device {device} world {world} ({teacher_ranks} teacher "
+                f"ranks)", wandb_log, wandb_project, wandb_run_name, print0) if master else None
 bar = None
 if progress_bar and master and sys.stderr.isatty():
     from tqdm import tqdm
@@ -473,7 +452,7 @@ if eval_only:
     sys.exit(0)
 model.train()
 bad_steps, t0, tokens_seen = 0, time.time(), 0
-while step < max_steps and not stop_requested and not (exit_step and step >= exit_step):
+while step < max_steps and not stop_flag.requested and not (exit_step and step >= exit_step):
     if step % eval_interval == 0 or step == max_steps - 1:
         ev = evaluate()
         ev.pop("tokens")
@@ -548,7 +527,7 @@ while step < max_steps and not stop_requested and not (exit_step and step >= exi
 save()
 if stage == 2 and teacher_ranks:
     dist.send(torch.tensor([0, 0, 0]), dst=n_trainers + rank % teacher_ranks)  # tell our teacher we are done
-print0(f"{'stopped' if stop_requested else 'done'} at step {step}; saved {out_dir}/hybrid and {out_dir}/ckpt.pt")
+print0(f"{'stopped' if stop_flag.requested else 'done'} at step {step}; saved {out_dir}/hybrid and {out_dir}/ckpt.pt")
 if distributed:
     dist.barrier()  # all ranks finish before any tears down (a rank leaving early once aborted gloo)
     dist.destroy_process_group()

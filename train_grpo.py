@@ -25,7 +25,6 @@ import copy
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from configurator import ConfigError, check, configure, exit_on_config_error
+from configurator import ConfigError, StopFlag, check, configure, exit_on_config_error, start_run
 from data.grpo.tasks import REWARDS, load_prompts, parse_rewards
 from data.tokenizers import get_tokenizer
 from model import Hybrid, load_hf_model
@@ -513,26 +512,9 @@ if __name__ == "__main__":
             if run and metrics:
                 run.log(metrics, step=step)
 
-    stop_requested = False
-
-    def request_stop(signum, frame):
-        global stop_requested
-        stop_requested = True  # finish this step, save, exit
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "log.txt"), "a") as f:
-            f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} torch {torch.__version__} device {device} world {world}\n"
-                    f"# config {json.dumps(config)}\n")
-    run = None
-    if wandb_log and master:
-        try:
-            import wandb
-            run = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
-        except Exception as e:  # not installed, offline, no key: keep training
-            print0(f"wandb disabled ({type(e).__name__}: {e})")
+    stop_flag = StopFlag()
+    run = start_run(out_dir, config, f"torch {torch.__version__} device {device} world {world}", wandb_log,
+                    wandb_project, wandb_run_name, print0) if master else None
     bar = None
     if progress_bar and master and sys.stderr.isatty():
         from tqdm import tqdm
@@ -540,7 +522,7 @@ if __name__ == "__main__":
 
     # --- training loop ------------------------------------------------------------------------------------------
     model.train()
-    while step < max_steps and not stop_requested and not (exit_step and step >= exit_step):
+    while step < max_steps and not stop_flag.requested and not (exit_step and step >= exit_step):
         if eval_set and step % eval_interval == 0:
             acc = evaluate()
             log(f"step {step} | eval {eval_reward} accuracy {acc:.4f} (greedy, {len(eval_set)} held-out prompts)",
@@ -660,12 +642,12 @@ if __name__ == "__main__":
             bar.set_postfix(reward=f"{metrics['reward']:.3f}")
         if step % save_interval == 0:
             save()
-    if eval_set and not stop_requested:
+    if eval_set and not stop_flag.requested:
         acc = evaluate()
         log(f"step {step} | eval {eval_reward} accuracy {acc:.4f} (greedy, {len(eval_set)} held-out prompts)",
             {"eval/accuracy": acc})
     save()
-    print0(f"{'stopped' if stop_requested else 'done'} at step {step}; saved {out_dir}/ckpt.pt")
+    print0(f"{'stopped' if stop_flag.requested else 'done'} at step {step}; saved {out_dir}/ckpt.pt")
     if distributed:
         dist.barrier()  # all ranks finish before any tears down (a rank leaving early once aborted gloo)
         dist.destroy_process_group()
