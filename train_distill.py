@@ -221,7 +221,7 @@ if is_teacher_rank:
     teacher_model = load_or_exit("teacher", load_hf_model, teacher or base, dtype=ptdtype)
     teacher_model = teacher_model.to(device).eval().requires_grad_(False)
     serve_teacher(teacher_model, [r for r in range(n_trainers) if n_trainers + r % teacher_ranks == rank])
-    dist.barrier()  # all ranks finish before any tears down (a rank leaving early once aborted gloo)
+    dist.barrier()  # all ranks finish before any tears down
     dist.destroy_process_group()
     sys.exit(0)
 
@@ -529,5 +529,5 @@ if stage == 2 and teacher_ranks:
     dist.send(torch.tensor([0, 0, 0]), dst=n_trainers + rank % teacher_ranks)  # tell our teacher we are done
 print0(f"{'stopped' if stop_flag.requested else 'done'} at step {step}; saved {out_dir}/hybrid and {out_dir}/ckpt.pt")
 if distributed:
-    dist.barrier()  # all ranks finish before any tears down (a rank leaving early once aborted gloo)
+    dist.barrier()  # all ranks finish before any tears down
     dist.destroy_process_group()

@@ -649,5 +649,5 @@ if __name__ == "__main__":
     save()
     print0(f"{'stopped' if stop_flag.requested else 'done'} at step {step}; saved {out_dir}/ckpt.pt")
     if distributed:
-        dist.barrier()  # all ranks finish before any tears down (a rank leaving early once aborted gloo)
+        dist.barrier()  # all ranks finish before any tears down
         dist.destroy_process_group()
