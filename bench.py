@@ -183,8 +183,7 @@ def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
     hybrid.untie_embeddings()
     hybrid.to(device)
     if compile:  # what train_distill.py --compile=True does
-        for i in hybrid.rwkv_layers:
-            hybrid.hf.model.layers[i].self_attn.student.compile()
+        hybrid.compile_time_mixers()
     base = transformers.AutoModelForCausalLM.from_config(cfg).to(device)
     x = torch.randint(0, cfg.vocab_size, (batch, ctx), device=device)
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -211,7 +210,6 @@ def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
     for name, step in [("hybrid stage-2 step", hybrid_step), ("teacher fwd+bwd+AdamW", teacher_step)]:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        if cuda:
             ms = time_gpu(step, repeats=10)
         else:  # the CPU run only checks that the code works: one warm-up, one timed step
             step()

@@ -55,15 +55,21 @@ def lora_linear(lin, r, alpha, dropout):
     lin.__class__ = LoraLinear
 
 
+def start_lora(model, r, alpha, dropout, parts, layers):
+    """Check the settings, freeze the model and record them as model.lora_config. -> the list of parts."""
+    parts = [p.strip() for p in parts.split(",")] if isinstance(parts, str) else list(parts)
+    if r <= 0 or not set(parts) <= set(PARTS):
+        raise ValueError(f"need lora r > 0 and parts among {PARTS}, got r={r}, parts={parts}")
+    model.requires_grad_(False)
+    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, parts=",".join(parts), layers=layers)
+    return parts
+
+
 def add_lora_hybrid(hybrid, r, alpha, dropout=0.0, parts="att,time,ln", layers=""):
     """add_lora for a model.Hybrid, on its RWKV layers (those in `layers`) only: 'att' LoRA on the time-mixer's
     receptance/key/value/output, 'ffn' LoRA on the decoder layer's MLP projections, 'time' the time-mixer's own
     tensors in full, 'ln' its ln_x and the decoder layer's norms in full. Everything else is frozen."""
-    parts = [p.strip() for p in parts.split(",")] if isinstance(parts, str) else list(parts)
-    if r <= 0 or not set(parts) <= set(PARTS):
-        raise ValueError(f"need lora r > 0 and parts among {PARTS}, got r={r}, parts={parts}")
-    hybrid.requires_grad_(False)
-    hybrid.lora_config = dict(r=r, alpha=alpha, dropout=dropout, parts=",".join(parts), layers=layers)
+    parts = start_lora(hybrid, r, alpha, dropout, parts, layers)
     decoder_layers = hybrid.hf.model.layers
     for i in sorted(parse_layers(layers, len(decoder_layers)) & set(hybrid.rwkv_layers)):
         layer = decoder_layers[i]
@@ -86,11 +92,7 @@ def add_lora_hybrid(hybrid, r, alpha, dropout=0.0, parts="att,time,ln", layers="
 def add_lora(model, r, alpha, dropout=0.0, parts="att,ffn,time,ln", layers=""):
     """Freeze `model` (an RWKV) and make the chosen subset trainable. Linears keep their module, names and weight
     (the class is swapped in place), so the state dict stays the official one plus `*.lora_A` / `*.lora_B`."""
-    parts = [p.strip() for p in parts.split(",")] if isinstance(parts, str) else list(parts)
-    if r <= 0 or not set(parts) <= set(PARTS):
-        raise ValueError(f"need lora r > 0 and parts among {PARTS}, got r={r}, parts={parts}")
-    model.requires_grad_(False)
-    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, parts=",".join(parts), layers=layers)
+    parts = start_lora(model, r, alpha, dropout, parts, layers)
     for i in sorted(parse_layers(layers, len(model.blocks))):
         block = model.blocks[i]
         att, ffn = block.att, block.ffn

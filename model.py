@@ -574,21 +574,18 @@ class RWKV(nn.Module):
         Gradients flow into the previous segment's state (full backpropagation through time), and the loss and its
         gradient equal forward(idx, targets)'s: the token-weighted mean cross-entropy over the whole sequence, with
         L2Wrap's 1e-4 / (B*T) for the whole T. Returns (None, loss, new state): no logits are kept."""
-        def step(idx_s, s):
-            logits, _, s = self(idx_s, state=s)
-            return logits, s
-        return None, *segmented_loss(step, idx, targets, segment_len, state, l2wrap=True)
+        return None, *segmented_loss(self, idx, targets, segment_len, state, l2wrap=True)
 
 
-def segmented_loss(step, idx, targets, segment_len, state, l2wrap):
-    """State checkpointing for RWKV and Hybrid: step(idx_s, state) -> (logits, new state) runs the model on one
-    segment; returns (loss, final state), the loss being the token-weighted mean cross-entropy over all of idx.
-    Every segment's head and loss run inside its checkpoint, so no segment's logits outlive it."""
+def segmented_loss(model, idx, targets, segment_len, state, l2wrap):
+    """State checkpointing for RWKV and Hybrid: model(idx_s, state=state) runs one segment; returns (loss, final
+    state), the loss being the token-weighted mean cross-entropy over all of idx. Every segment's head and loss
+    run inside its checkpoint, so no segment's logits outlive it."""
     B, T = idx.shape
     n_total = (targets != -1).sum()  # the mean's denominator, known before any segment runs
 
     def segment(idx_s, targets_s, state):
-        logits, state = step(idx_s, state)
+        logits, _, state = model(idx_s, state=state)
         ce_sum = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_s.reshape(-1),
                                  ignore_index=-1, reduction="sum")
         if not l2wrap:
@@ -608,6 +605,32 @@ def segmented_loss(step, idx, targets, segment_len, state, l2wrap):
             part, state = segment(*args)
         loss = loss + part
     return loss, state
+
+
+def ctx_warmup_len(step, initial_ctx_len, ctx_len, warmup_steps):
+    """Context warm-up: the sample length at `step`, linear from initial_ctx_len to ctx_len over warmup_steps
+    (0 = off). A pure function of the step, so a resumed run continues at the right length."""
+    if initial_ctx_len <= 0 or step >= warmup_steps:
+        return ctx_len
+    return initial_ctx_len + (ctx_len - initial_ctx_len) * step // warmup_steps
+
+
+def all_reduce_grads(params, group=None, bucket_numel=2 ** 25):
+    """DDP's gradient average, by hand, for state_cp: forward_segments calls the model once per segment and
+    recomputes segments inside backward, while DDP's reducer wants one DDP.forward and each gradient ready once.
+    So the gradients accumulate locally and are averaged here, after the step's last backward (flat buckets)."""
+    import torch.distributed as dist
+    grads = [p.grad for p in params if p.grad is not None]
+    while grads:
+        n, size = 0, 0
+        while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket_numel):
+            size, n = size + grads[n].numel(), n + 1
+        flat = torch.cat([g.flatten() for g in grads[:n]])
+        dist.all_reduce(flat, group=group)  # a sum: gloo has no AVG
+        flat /= dist.get_world_size(group)
+        for g, f in zip(grads[:n], flat.split([g.numel() for g in grads[:n]])):
+            g.copy_(f.view_as(g))
+        grads = grads[n:]
 
 
 # -----------------------------------------------------------------------------
@@ -804,10 +827,12 @@ class Hybrid(nn.Module):
         carrying the state (RWKV layers: token shift and WKV state; v_first is per token, recomputed in each
         segment). Kept attention layers work too, through their KV cache: that part of the memory grows with T.
         Returns (None, loss, new state)."""
-        def step(idx_s, s):
-            logits, _, s = self(idx_s, state=s)
-            return logits, s
-        return None, *segmented_loss(step, idx, targets, segment_len, state, l2wrap=False)
+        return None, *segmented_loss(self, idx, targets, segment_len, state, l2wrap=False)
+
+    def compile_time_mixers(self):
+        """torch.compile each RWKV time-mixer in place (names keep no prefix): fuses its many small elementwise ops."""
+        for i in self.rwkv_layers:
+            self.hf.model.layers[i].self_attn.student.compile()
 
     def drop_teacher_attention(self):
         for i in self.rwkv_layers:
@@ -892,8 +917,8 @@ class Hybrid(nn.Module):
         # the code that reads the directory goes with it (this file needs only torch, transformers and safetensors),
         # so others load it without this repository: sys.path.insert(0, d); from model import Hybrid
         here = os.path.dirname(os.path.abspath(__file__))
-        for name in ("model.py", "wkv7.cu", "wkv7_hip.cpp"):
-            if os.path.abspath(out_dir) != here:
+        if os.path.abspath(out_dir) != here:
+            for name in ("model.py", "wkv7.cu", "wkv7_hip.cpp"):
                 shutil.copyfile(os.path.join(here, name), os.path.join(out_dir, name))
 
     @classmethod

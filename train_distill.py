@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from configurator import StopFlag, check, configure, exit_on_config_error, start_run
 from data.chat import load_examples, load_tokenizer, pack
 from lora import add_lora_hybrid, merge_state_dict
-from model import Hybrid, kl_loss, load_hf_model, teacher_targets
+from model import Hybrid, all_reduce_grads, ctx_warmup_len, kl_loss, load_hf_model, teacher_targets
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and --key=value)
@@ -312,8 +312,7 @@ if stage == 2 and teacher_ranks == 0:
 
 if compile:  # fuses the time-mixers' many small elementwise ops: a stage-2 step of the SmolLM2 hybrid went from
     # 1.88x to 1.42x the teacher's own training step (H200, batch 16 x 512). In place: names keep no prefix.
-    for i in model.rwkv_layers:
-        model.hf.model.layers[i].self_attn.student.compile()
+    model.compile_time_mixers()
 raw_model = model  # unwrapped (under FSDP the sharded root itself): eval, saving
 if distributed and parallel == "fsdp":
     from torch.distributed.device_mesh import DeviceMesh
@@ -341,30 +340,6 @@ if ckpt is not None:
     set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
     step = ckpt["step"]
     torch.set_rng_state(ckpt["rng"])
-
-
-def all_reduce_grads(bucket_numel=2 ** 25):
-    """DDP's gradient average, by hand, for state_cp: forward_segments calls the model once per segment and
-    recomputes segments inside backward, while DDP's reducer wants one DDP.forward and each gradient ready once."""
-    grads = [p.grad for p in params if p.grad is not None]
-    while grads:
-        n, size = 0, 0
-        while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket_numel):
-            size, n = size + grads[n].numel(), n + 1
-        flat = torch.cat([g.flatten() for g in grads[:n]])
-        dist.all_reduce(flat, group=trainer_group)  # a sum: gloo has no AVG
-        flat /= n_trainers
-        for g, f in zip(grads[:n], flat.split([g.numel() for g in grads[:n]])):
-            g.copy_(f.view_as(g))
-        grads = grads[n:]
-
-
-def sample_len(step):
-    """Context warm-up: the row length at `step`, linear from initial_ctx_len to ctx_len over ctx_warmup_steps (a
-    pure function of the step, so a resumed run continues at the right length)."""
-    if initial_ctx_len <= 0 or step >= ctx_warmup_steps:
-        return ctx_len
-    return initial_ctx_len + (ctx_len - initial_ctx_len) * step // ctx_warmup_steps
 
 
 def lr_at(step):
@@ -449,6 +424,11 @@ if eval_only:
     if "teacher_ce" in ev:
         print0(f"eval | student ppl {math.exp(ev['ce']):.3f} | teacher ppl {math.exp(ev['teacher_ce']):.3f} | ratio "
                f"{math.exp(ev['ce'] - ev['teacher_ce']):.3f} | top-1 agreement {ev['agreement']:.3f}")
+    if stage == 2 and teacher_ranks:
+        dist.send(torch.tensor([0, 0, 0]), dst=n_trainers + rank % teacher_ranks)  # tell our teacher we are done
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
     sys.exit(0)
 model.train()
 bad_steps, t0, tokens_seen = 0, time.time(), 0
@@ -469,7 +449,8 @@ while step < max_steps and not stop_flag.requested and not (exit_step and step >
     terms_sum = {}
     for micro in range(grad_accum):
         x, y = get_batch(step, micro)
-        x, y = x[:, :sample_len(step)], y[:, :sample_len(step)]
+        n = ctx_warmup_len(step, initial_ctx_len, ctx_len, ctx_warmup_steps)  # context warm-up
+        x, y = x[:, :n], y[:, :n]
         target = ask_teacher(x) if stage == 2 and teacher_ranks else None
         if distributed and parallel == "fsdp":
             model.set_requires_gradient_sync(micro == grad_accum - 1)
@@ -486,7 +467,7 @@ while step < max_steps and not stop_flag.requested and not (exit_step and step >
         for k, v in terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + v / grad_accum
     if distributed and parallel == "ddp" and state_cp:
-        all_reduce_grads()
+        all_reduce_grads(params, trainer_group)
     if distributed:  # log the mean over trainer ranks
         vals = torch.tensor(list(terms_sum.values()), device=device)
         dist.all_reduce(vals, group=trainer_group)

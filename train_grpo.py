@@ -277,23 +277,9 @@ def pack(rows, device, pad_id=0):
 
 # --- models and tokenizers -------------------------------------------------------------------------------------
 
-class HFTok:
-    """A Hugging Face tokenizer object behind data/tokenizers.py's interface (encode, decode, eot_id, name)."""
-
-    def __init__(self, hf_tok, name):
-        self.tok, self.name, self.eot_id, self.vocab_size = hf_tok, name, hf_tok.eos_token_id, len(hf_tok)
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def decode(self, ids):
-        return self.tok.decode([int(i) for i in ids])
-
-
 def load_policy(spec, tok_spec="", rwkv_layers="none", wkv_impl="auto"):
     """-> (model, tokenizer, kind): kind 'rwkv' for .pth / ckpt.pt directories, 'hybrid' for hybrid directories and
     HF models (an HF model is a hybrid with no RWKV layer: its own attention, bit for bit)."""
-    from data.chat import load_tokenizer
     is_ours = spec.endswith(".pth") or os.path.isfile(os.path.join(spec, "ckpt.pt")) or \
         os.path.isfile(os.path.join(spec, "hybrid.json"))
     if is_ours:
@@ -305,7 +291,7 @@ def load_policy(spec, tok_spec="", rwkv_layers="none", wkv_impl="auto"):
         tok = get_tokenizer(tok_spec or own)
         return model, tok, kind
     model = Hybrid(load_hf_model(spec), rwkv_layers, wkv_impl=wkv_impl)
-    tok = get_tokenizer(tok_spec) if tok_spec else HFTok(load_tokenizer(spec), f"hf:{spec}")
+    tok = get_tokenizer(tok_spec or f"hf:{spec}")
     return model, tok, "hybrid"
 
 

@@ -26,7 +26,7 @@ from configurator import ConfigError, check, configure, exit_on_config_error
 from data.binidx import BinIdx, check_magic_prime, load_meta, open_dataset, sample_offset
 from data.binidx import magic_prime as find_magic_prime
 from lora import add_lora, merge_state_dict
-from model import RWKV, RWKVConfig
+from model import RWKV, RWKVConfig, all_reduce_grads, ctx_warmup_len
 
 # -----------------------------------------------------------------------------
 # default config: the authors' L12-D768 MiniPile demo (reference §3.1); config files and --key=value override it
@@ -258,22 +258,6 @@ elif ddp:  # state_cp: no DDP wrapper, gradients averaged by all_reduce_grads be
         dist.broadcast(p.data, 0)
 params = dict(raw_model.named_parameters())
 
-def all_reduce_grads(bucket_numel=2 ** 25):
-    """DDP's gradient average, by hand, for state_cp: forward_segments calls the model once per segment and
-    recomputes segments inside backward, while DDP's reducer wants one DDP.forward and each gradient ready once.
-    So the gradients accumulate locally and are averaged here, after the step's last backward (flat buckets)."""
-    grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-    while grads:
-        n, size = 0, 0
-        while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket_numel):
-            size, n = size + grads[n].numel(), n + 1
-        flat = torch.cat([g.flatten() for g in grads[:n]])
-        dist.all_reduce(flat)  # a sum: gloo has no AVG
-        flat /= world_size
-        for g, f in zip(grads[:n], flat.split([g.numel() for g in grads[:n]])):
-            g.copy_(f.view_as(g))
-        grads = grads[n:]
-
 optimizer = torch.optim.AdamW([g | dict(params=[params[n] for n in g['params']]) for g in groups], lr=learning_rate,
                               betas=(beta1, beta2), eps=adam_eps, fused=device_type == 'cuda')
 
@@ -304,20 +288,13 @@ def get_batch(ds, starts):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x, y
 
-def sample_len(step):
-    """Context warm-up: the sample length at `step`, linear from initial_ctx_len to ctx_len over ctx_warmup_steps.
-    A pure function of the step, so a resumed run continues at the right length."""
-    if initial_ctx_len <= 0 or step >= ctx_warmup_steps:
-        return ctx_len
-    return initial_ctx_len + (ctx_len - initial_ctx_len) * step // ctx_warmup_steps
-
 def train_batch(step, micro):
     # Micro-batch `micro` of optimizer step `step` on this rank: samples ii = 1 + g, with the global counter
     # g = ((step * accum + micro) * batch_size + j) * world_size + rank. With accum = 1 this is the authors'
     # ii = 1 + epoch * 40320 + idx * world_size + rank, and any split of one global batch reads the same samples.
     first = (step * gradient_accumulation_steps + micro) * batch_size
     x, y = get_batch(train_ds, [sample_start(1 + (first + j) * world_size + rank) for j in range(batch_size)])
-    n = sample_len(step)
+    n = ctx_warmup_len(step, initial_ctx_len, ctx_len, ctx_warmup_steps)
     return (x[:, :n], y[:, :n]) if n < ctx_len else (x, y)
 
 @torch.no_grad()
@@ -452,7 +429,7 @@ while True:
         loss.backward()
         loss_sum += loss.detach()
     if ddp and parallel == 'ddp' and state_cp:
-        all_reduce_grads()
+        all_reduce_grads(raw_model.parameters())
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # a DTensor under FSDP
     # one small all-reduce and one sync per step (the authors have one too): the mean loss for the logs, the

@@ -70,9 +70,9 @@ class TiktokenTokenizer:
         return self.enc.decode([int(i) for i in ids], errors='replace')
 
 class HFTokenizer:
-    def __init__(self, path):
-        from transformers import AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(path)
+    def __init__(self, path):  # a hub id, a directory or a .gguf file
+        from data.chat import load_tokenizer
+        self.tok = load_tokenizer(path)
         self.name, self.eot_id, self.vocab_size = f"hf:{path}", self.tok.eos_token_id, len(self.tok)
 
     def encode(self, text):
