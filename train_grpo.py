@@ -74,7 +74,7 @@ micro_batch = 64  # sequences per forward in the update (bounds memory)
 learning_rate = 1e-6
 lr_final = -1.0  # cosine to this over max_steps; < 0 = constant
 warmup_steps = 0
-max_steps = 200
+max_steps = 200  # 0 = only evaluate the starting model (eval_prompts) and exit
 exit_step = 0  # > 0: save and stop at this step (jobs, tests); the schedule still spans max_steps
 weight_decay = 0.0
 beta1, beta2, adam_eps = 0.9, 0.99, 1e-8
@@ -313,8 +313,8 @@ if __name__ == "__main__":
               f"got {prompt_format!r}")
         check(group_size >= 2 or benchmark_rollouts, f"group_size must be >= 2 (advantages compare a group), "
               f"got {group_size}")
-        check(min(prompts_per_step, max_new_tokens, mu, micro_batch, max_steps) >= 1,
-              "prompts_per_step, max_new_tokens, mu, micro_batch and max_steps must be >= 1")
+        check(min(prompts_per_step, max_new_tokens, mu, micro_batch) >= 1 and max_steps >= 0,
+              "prompts_per_step, max_new_tokens, mu and micro_batch must be >= 1, max_steps >= 0")
         check(0 <= eps_low < 1 and eps_high >= 0 and beta >= 0, "need 0 <= eps_low < 1, eps_high >= 0, beta >= 0")
         check(temperature >= 0 and 0 < top_p <= 1, "need temperature >= 0 and 0 < top_p <= 1")
         check(isinstance(stop, (list, tuple)), f"stop must be a list of strings, e.g. stop=['\\n'], got {stop!r}")
@@ -632,8 +632,9 @@ if __name__ == "__main__":
         acc = evaluate()
         log(f"step {step} | eval {eval_reward} accuracy {acc:.4f} (greedy, {len(eval_set)} held-out prompts)",
             {"eval/accuracy": acc})
-    save()
-    print0(f"{'stopped' if stop_flag.requested else 'done'} at step {step}; saved {out_dir}/ckpt.pt")
+    if max_steps:
+        save()
+        print0(f"{'stopped' if stop_flag.requested else 'done'} at step {step}; saved {out_dir}/ckpt.pt")
     if distributed:
         dist.barrier()  # all ranks finish before any tears down
         dist.destroy_process_group()
