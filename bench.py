@@ -6,6 +6,8 @@ Speed of the WKV7 implementations, measured by a script rather than by tests.
     python bench.py --distill       # a distillation step of a SmolLM2-shaped hybrid vs the teacher's training step
     python bench.py --sweep         # GPU: also time every rows-per-block setting of the kernel (tuning)
     python bench.py --no-fla        # GPU: skip fla's chunk_rwkv7 even when it is importable
+    python bench.py --decode        # GPU: L12-D768 decoding tok/s at batch 1 and 64 (eager, CUDA graph, compiled + graph)
+                                    # and the `rwkv` package's 'cuda fp16' strategy at batch 1, in the same run
     python bench.py --long          # long-context training of the 0.4B shape at ctx 32768 and 131072 (a tiny model on CPU)
                                     # (--segment=N: state_cp segment length, default 4096; --long_tiny: tiny on GPU too)
 
@@ -223,6 +225,66 @@ def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
         print(f"{name:<24}{ms:>9.1f} ms {batch * ctx / ms * 1000:>10,.0f} tok/s {gb:>6.1f} GB")
     print(f"ratio {rows[0][1] / rows[1][1]:.2f} (target <= 1.5)")
 
+def bench_decode(device, n_layer=12, n_embd=768, steps=256, prompt_len=16):
+    """Greedy decoding of random L12-D768 weights (vocab 65536), bf16 weights and fp32 state, through sample.py's
+    generate: batch 1 and 64, eager, with the CUDA graph, and with the blocks compiled inside the graph; then the
+    `rwkv` package (the authors' inference code, 'cuda fp16', its CUDA kernel on) on the same file at batch 1.
+    tok/s = new tokens / wall time of the decode loop (sampling included), after a warm-up."""
+    import os
+    import tempfile
+    from model import RWKV, RWKVConfig
+    from sample import expand_state, generate, prefill
+    cuda = device.startswith("cuda")
+    torch.manual_seed(0)
+    model = RWKV(RWKVConfig(n_layer=n_layer, n_embd=n_embd)).eval()
+    path = os.path.join(tempfile.mkdtemp(), f"L{n_layer}-D{n_embd}.pth")
+    model.save_pretrained(path)
+    model = model.to(device, torch.bfloat16 if cuda else torch.float32)
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,)).tolist()
+    runs = [(1, False, False), (64, False, False)]
+    if cuda:
+        runs += [(1, True, False), (64, True, False), (1, True, True), (64, True, True)]
+    print(f"decoding, {torch.cuda.get_device_name() if cuda else 'CPU'}, L{n_layer}-D{n_embd} vocab "
+          f"{model.config.vocab_size}, {steps} greedy steps after a {prompt_len}-token prompt")
+    print(f"{'implementation':<34}{'batch':>6}{'tok/s':>10}")
+    results = {}
+    for batch, graph, compiled in runs:
+        if compiled:
+            for block in model.blocks:  # in place, as sample.py --compile=True --cuda_graph=True does
+                block.compile()
+        for n in (8, steps):  # warm-up (graph capture, compilation), then the timed run
+            logits, state = prefill(model, prompt)
+            gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            sync()
+            t0 = time.perf_counter()
+            generate(model, logits.expand(batch, -1), expand_state(state, batch), n, gens, temperature=0,
+                     cuda_graph=graph)
+            sync()
+            tok_s = batch * n / (time.perf_counter() - t0)
+        name = "ours, " + ("compiled blocks + CUDA graph" if compiled else "CUDA graph" if graph else "eager")
+        results[(batch, graph, compiled)] = tok_s
+        print(f"{name:<34}{batch:>6}{tok_s:>10,.0f}", flush=True)
+    if cuda:
+        try:
+            os.environ.update(RWKV_V7_ON="1", RWKV_JIT_ON="1", RWKV_CUDA_ON="1")
+            from rwkv.model import RWKV as AuthorsRWKV
+            theirs = AuthorsRWKV(model=path[:-4], strategy="cuda fp16")
+            for n in (8, steps):
+                out, st = theirs.forward(prompt, None)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    out, st = theirs.forward([int(out.argmax())], st)
+                torch.cuda.synchronize()
+                tok_s = n / (time.perf_counter() - t0)
+            print(f"{'rwkv package, cuda fp16':<34}{1:>6}{tok_s:>10,.0f}")
+            print(f"best batch-1 / rwkv package: {max(v for k, v in results.items() if k[0] == 1) / tok_s:.2f}x")
+        except ImportError:
+            print("(the rwkv package is not installed: pip install rwkv for the comparison row)")
+    best = {b: max(v for k, v in results.items() if k[0] == b) for b in (1, 64)}
+    print(f"best batch 64 / best batch 1: {best[64] / best[1]:.1f}x")
+
 
 def bench_long(device, n_layer=24, n_embd=1024, vocab=65536, ctxs=(32768, 131072), segment=4096, steps=3):
     """Training steps (fwd + bwd + fused AdamW) of the 0.4B shape (L24-D1024, vocab 65536), batch 1, random tokens,
@@ -280,6 +342,8 @@ if __name__ == "__main__":
         sizes = dict(n_layer=2, n_embd=64, vocab=256, ctxs=(512, 2048), segment=128) if tiny else {}
         seg = next((int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--segment=")), None)
         bench_long(device, **(sizes | (dict(segment=seg) if seg else {})))
+    elif "--decode" in sys.argv:
+        bench_decode(device, **(dict(n_layer=2, n_embd=128, steps=16) if device == "cpu" else {}))
     elif "--distill" in sys.argv:  # python bench.py --distill [--no-compile]
         bench_distill(device, compile="--no-compile" not in sys.argv and device != "cpu",
                       **(dict(batch=1, ctx=32, layers=2) if device == "cpu" else {}))

@@ -156,26 +156,28 @@ def sample(logits, gens, temperature=1.0, top_p=1.0, top_k=0):
     u = torch.tensor([torch.rand((), generator=g).item() for g in gens], device=cdf.device)
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=V - 1)[:, 0]
 
-def forward_step(model, tokens, state):
-    """model(tokens[:, None], state=state) without its token-range check, which reads a GPU value and so cannot
-    run inside a CUDA graph. Mirrors RWKV.forward (tests/test_sample.py checks they agree)."""
-    x, v_first, new_state = model.emb(tokens[:, None]), None, []
-    for block, s in zip(model.blocks, state):
-        x, v_first, s = block(x, v_first, s)
-        new_state.append(s)
-    return model.head(model.ln_out(x))[:, -1].float(), new_state
+def state_tensors(state):
+    """Every tensor of a recurrent state, in a fixed order (RWKV: per layer; hybrid: per RWKV layer)."""
+    if isinstance(state, HybridState):
+        return [t for i in sorted(state.rwkv) for t in state.rwkv[i]]
+    return [t for layer in state for t in layer]
 
 def graphed_step(model, state):
     """The one-token step captured once as a CUDA graph; the state lives in the graph's buffers. At batch 1 a
-    step is a few hundred tiny kernels, so launching them one by one from Python is most of its time."""
-    tokens = torch.zeros(state[0][0].shape[0], dtype=torch.long, device=state[0][0].device)
-    static = [tuple(t.clone() for t in layer) for layer in state]
-    copy_state = lambda dst, src: [a.copy_(b) for d, s in zip(dst, src) for a, b in zip(d, s)]  # noqa: E731
+    step is a few hundred tiny kernels, so launching them one by one from Python is most of its time. Needs a
+    state of fixed size: an RWKV model, or a hybrid without attention layers (a KV cache grows every step)."""
+    hybrid = isinstance(state, HybridState)
+    if hybrid and (state.kv or len(model.rwkv_layers) < len(model.hf.model.layers)):
+        raise ValueError("a CUDA graph needs a fixed-size state: this hybrid has attention layers (a growing KV cache)")
+    static = state.map(torch.clone) if hybrid else [tuple(t.clone() for t in layer) for layer in state]
+    buffers = state_tensors(static)
+    tokens = torch.zeros(buffers[0].shape[0], dtype=torch.long, device=buffers[0].device)
 
     def run():
-        logits, new = forward_step(model, tokens, static)
-        copy_state(static, new)
-        return logits
+        logits, _, new = model(tokens[:, None], state=static)  # (its token-range check is skipped while capturing)
+        for buf, t in zip(buffers, state_tensors(new)):
+            buf.copy_(t)
+        return logits[:, -1].float()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up outside the graph (lazy inits, library handles)
@@ -184,11 +186,14 @@ def graphed_step(model, state):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         logits = run()
-    copy_state(static, state)  # undo the warm-up's step
+    for buf, t in zip(buffers, state_tensors(state)):  # undo the warm-up's and the capture's steps
+        buf.copy_(t)
 
     def step(new_tokens):
         tokens.copy_(new_tokens)
         graph.replay()
+        if hybrid:  # (positions inside the graph stay those of the capture: they only feed attention, and there is none)
+            static.length += 1
         return logits, static
     return step
 
@@ -407,9 +412,10 @@ if __name__ == '__main__':
         fail(e)
     model.eval().to(device)
     with exit_on_config_error():
-        check(not cuda_graph or isinstance(model, RWKV), "cuda_graph=True is for RWKV models (not hybrids) for now")
-    if compile and cuda_graph:  # the graph replays forward_step, which calls the blocks: compile those in place,
-        for block in model.blocks:  # so the captured step runs fused kernels
+        check(not cuda_graph or isinstance(model, RWKV) or len(model.rwkv_layers) == len(model.hf.model.layers),
+              "cuda_graph=True needs a fixed-size state: an RWKV model or a hybrid without attention layers")
+    if compile and cuda_graph:  # the graph replays the model's forward: compile its layers in place,
+        for block in (model.blocks if isinstance(model, RWKV) else model.hf.model.layers):  # so it runs fused kernels
             block.compile()
     elif compile:
         model = torch.compile(model)

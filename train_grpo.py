@@ -59,7 +59,7 @@ max_new_tokens = 256
 temperature = 1.0
 top_p = 1.0
 stop = ["\n\n"]  # a completion ends at end-of-text, at one of these strings, or after max_new_tokens
-cuda_graph = False  # pure RWKV on CUDA: the one-token step replayed from a CUDA graph
+cuda_graph = False  # CUDA, RWKV or a hybrid without attention layers: the one-token step replayed from a CUDA graph
 # objective
 loss_type = "token"  # 'token' (sum over all tokens / their count: DAPO), 'sequence' (GRPO), 'dr_grpo'
 scale_rewards = True  # advantages / (group std + 1e-4); False = Dr. GRPO
@@ -76,6 +76,7 @@ lr_final = -1.0  # cosine to this over max_steps; < 0 = constant
 warmup_steps = 0
 max_steps = 200  # 0 = only evaluate the starting model (eval_prompts) and exit
 exit_step = 0  # > 0: save and stop at this step (jobs, tests); the schedule still spans max_steps
+max_minutes = 0.0  # > 0: stop training after this many minutes (then the final eval and save, as at max_steps)
 weight_decay = 0.0
 beta1, beta2, adam_eps = 0.9, 0.99, 1e-8
 grad_clip = 1.0
@@ -248,7 +249,7 @@ def rollout(model, prompt_ids, G, max_new_tokens, gens, tok, temperature=1.0, to
         state = expand_state(cat_states(states), G)
         row_ids = [p * G + g for p in batch for g in range(G)]
         out = decode(model, logits, state, max_new_tokens, [gens[r] for r in row_ids], tok, temperature, top_p,
-                     stop, n_valid, cuda_graph and not hybrid, autocast)
+                     stop, n_valid, cuda_graph, autocast)
         for r, (ids, logps, trunc) in zip(row_ids, out):
             rows[r] = dict(prompt=prompt_ids[r // G], ids=ids, logps=logps, truncated=trunc)
     return rows
@@ -369,6 +370,10 @@ if __name__ == "__main__":
         model.load_state_dict(ckpt["model"])
     model.to(device)
     n_valid = decodable(tok, model.config.vocab_size)
+    fixed_state = kind == "rwkv" or len(model.rwkv_layers) == len(model.hf.model.layers)
+    with exit_on_config_error():
+        check(not cuda_graph or (use_cuda and fixed_state), "cuda_graph=True needs CUDA and a fixed-size state (an "
+              "RWKV model or a hybrid without attention layers)")
     config["tokenizer"] = tok.name  # sample.load_model reads it from ckpt.pt
     config["init_from"] = policy_spec  # (also after a resume: the model a later resume rebuilds, then overwrites)
     print0(f"policy {policy_spec} ({kind}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
@@ -381,6 +386,8 @@ if __name__ == "__main__":
     if benchmark_rollouts:
         hf = load_hf_model(benchmark_hf or init_from, dtype=torch.bfloat16 if use_cuda else torch.float32).to(device)
         hf.eval()
+        if use_cuda and dtype == "auto":  # both sides in bf16 weights (training keeps fp32 weights under autocast)
+            model.to(torch.bfloat16)
         text = train_set[0]["prompt"] if train_set else "Tell me a story about a goose."
         ids = encode_prompt(text)
         model.eval()
@@ -397,7 +404,7 @@ if __name__ == "__main__":
                             eot_id, decode = None, tok.decode
                         gens = [torch.Generator().manual_seed(seed + i) for i in range(G)]
                         rollout(model, [ids], G, n_new, gens, NoEot(), temperature or 1.0, top_p, (), n_valid,
-                                cuda_graph and kind == "rwkv", autocast)
+                                cuda_graph, autocast)
                     else:
                         x = torch.tensor([ids], device=device)
                         with torch.no_grad():
@@ -410,7 +417,7 @@ if __name__ == "__main__":
                 rows.append((G, who, G * n_new / dt))
         print0(f"rollout benchmark: ours = {policy_spec} ({kind}), HF generate = {benchmark_hf or init_from}; prompt "
                f"{len(ids)} tokens, {benchmark_new_tokens} new tokens per sample, {device}, "
-               f"{'bf16 autocast' if use_cuda and dtype == 'auto' else 'fp32'}, cuda_graph={cuda_graph}")
+               f"{'bf16' if use_cuda and dtype == 'auto' else 'fp32'}, cuda_graph={cuda_graph}")
         print0("| G | ours, new tok/s | HF generate (KV cache), new tok/s | ours / HF |\n|---|---|---|---|")
         for G in benchmark_groups:
             ours, theirs = [r[2] for r in rows if r[0] == G]
@@ -460,17 +467,24 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def evaluate():
-        """Greedy held-out accuracy: the mean of eval_reward over eval_prompts (split across ranks)."""
+        """Greedy held-out accuracy: the mean of eval_reward over eval_prompts (split across ranks). The first
+        few greedy completions go to out_dir/eval_completions.jsonl (before/after comparisons)."""
         model.eval()
         mine = eval_set[rank::world]
         fn = REWARDS[eval_reward]
-        score = 0.0
+        score, shown = 0.0, []
         for i in range(0, len(mine), 64):
             chunk = mine[i:i + 64]
             rows = rollout(model, [encode_prompt(r["prompt"]) for r in chunk], 1, max_new_tokens,
-                           [torch.Generator() for _ in chunk], tok, 0.0, 1.0, stop, n_valid, cuda_graph and
-                           kind == "rwkv", autocast)
-            score += sum(fn(completion_text(tok, r["ids"], stop), c["answer"]) for r, c in zip(rows, chunk))
+                           [torch.Generator() for _ in chunk], tok, 0.0, 1.0, stop, n_valid, cuda_graph,
+                           autocast)
+            texts = [completion_text(tok, r["ids"], stop) for r in rows]
+            score += sum(fn(t, c["answer"]) for t, c in zip(texts, chunk))
+            shown += [dict(step=step, prompt=c["prompt"], completion=t, answer=c["answer"])
+                      for t, c in zip(texts, chunk)][:max(0, 4 - len(shown))]
+        if master:
+            with open(os.path.join(out_dir, "eval_completions.jsonl"), "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in shown)
         model.train()
         s, n = all_sum([score, len(mine)])
         return s / max(n, 1)
@@ -508,7 +522,11 @@ if __name__ == "__main__":
 
     # --- training loop ------------------------------------------------------------------------------------------
     model.train()
+    t_start = time.perf_counter()
     while step < max_steps and not stop_flag.requested and not (exit_step and step >= exit_step):
+        if max_minutes and all_sum([time.perf_counter() - t_start])[0] / world > 60 * max_minutes:
+            print0(f"max_minutes={max_minutes} reached at step {step}")
+            break
         if eval_set and step % eval_interval == 0:
             acc = evaluate()
             log(f"step {step} | eval {eval_reward} accuracy {acc:.4f} (greedy, {len(eval_set)} held-out prompts)",
@@ -524,7 +542,7 @@ if __name__ == "__main__":
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + base_row + r) for r in range(len(idx) * G)]
         model.eval()
         rows = rollout(model, [train_ids[i] for i in idx], G, max_new_tokens, gens, tok, temperature, top_p, stop,
-                       n_valid, cuda_graph and kind == "rwkv", autocast)
+                       n_valid, cuda_graph, autocast)
         model.train()
         t_roll = time.perf_counter() - t0
         texts = [completion_text(tok, r["ids"], stop) for r in rows]

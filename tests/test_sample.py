@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from data.tokenizers import get_tokenizer
 from helpers import random_model
 from model import Hybrid
-from sample import (Stream, cat_states, decodable, eval_lambada, expand_state, forward_step, generate, load_model,
+from sample import (Stream, cat_states, decodable, eval_lambada, expand_state, generate, load_model,
                     penalty_weight, prefill, sample)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,18 +76,6 @@ def char_dir(tmp_path_factory):
 
 
 # --- decoding ---------------------------------------------------------------------------------------------------
-
-def test_forward_step_equals_model_forward():
-    """forward_step (used inside the CUDA graph) is RWKV.forward for one token."""
-    model = random_model(n_layer=2, n_embd=64, vocab_size=500)
-    logits, state = prefill(model, [5, 17, 300, 2])
-    tokens = torch.tensor([7])
-    ref_logits, _, ref_state = model(tokens[:, None], state=state)
-    got_logits, got_state = forward_step(model, tokens, state)
-    assert torch.equal(got_logits, ref_logits[:, -1].float())
-    for a, b in zip(sum(map(list, got_state), []), sum(map(list, ref_state), [])):
-        assert torch.equal(a, b)
-
 
 def test_greedy_recurrent_equals_full_recompute():
     model = random_model(seed=1, n_layer=3, n_embd=128, vocab_size=300)
