@@ -560,6 +560,17 @@ class RWKV(nn.Module):
         torch.save(sd, tmp)
         os.replace(tmp, path)
 
+    def compile_blocks(self, backend="inductor"):
+        """torch.compile each block in place (parameter names get no _orig_mod. prefix), as train_pretrain does.
+        On the GPU, Inductor's mix-order reduction (torch 2.10, 2.11) can fuse a LayerNorm's backward with the
+        gradient sums of the [1, 1, C] mixes after it and return those gradients as [C], failing backward
+        (pytorch/pytorch#178080: the likely cause of the README's failure, not yet confirmed here); torch 2.12+ fixed
+        the shape but not every wrong-gradient case (pytorch/pytorch#193061). So these blocks compile without it."""
+        import torch._inductor.config as inductor_config
+        off = backend == "inductor" and hasattr(inductor_config.triton, "mix_order_reduction")  # not in older torch
+        for block in self.blocks:
+            block.compile(backend=backend, options={"triton.mix_order_reduction": False} if off else None)
+
     # --- long context (seed (d): ctx_parts and state_cp / infctx) ---
 
     def set_wkv_part_len(self, part_len):

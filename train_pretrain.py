@@ -241,8 +241,7 @@ names = {p: n for n, p in raw_model.named_parameters()}
 groups = [g | dict(params=[names[p] for p in g['params']]) for g in raw_model.optim_groups(weight_decay)]
 if compile:
     print0("compiling the blocks (the first steps take a while)")
-    for block in raw_model.blocks:
-        block.compile()  # in place: parameter names get no _orig_mod. prefix
+    raw_model.compile_blocks()  # in place: parameter names get no _orig_mod. prefix
 if ddp and parallel == 'fsdp':
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == 'bfloat16' \
