@@ -242,11 +242,10 @@ def test_token_out_of_vocab():
 
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_blocks_match_eager(backend):
+def test_compiled_blocks_match_eager(backend="aot_eager"):
     """RWKV.compile_blocks (train_pretrain --compile=True): the same loss and parameter gradients (each of its
-    parameter's shape) as eager, in fp32, to 1e-5. aot_eager (~10 s) checks the traced forward and backward graphs,
-    inductor (~80 s on 2 cores) the generated code too. The GPU-only failure behind compile_blocks' option (Triton
+    parameter's shape) as eager, in fp32, to 1e-5. aot_eager (~10 s) checks the traced forward and backward graphs
+    (inductor passes too, in ~80 s on 2 cores: too slow for CI). The GPU-only failure behind compile_blocks' option (Triton
     mix-order reduction returning [C] gradients for [1, 1, C] mixes) needs a CUDA run to show."""
     ref = random_model(n_layer=2, n_embd=64, vocab_size=64, wkv_impl="torch").train()
     net = random_model(n_layer=2, n_embd=64, vocab_size=64, wkv_impl="torch").train()
