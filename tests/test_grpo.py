@@ -263,6 +263,22 @@ def test_grpo_raises_heldout_greedy_accuracy(arith, tmp_path):
     assert spec.startswith("char:") and isinstance(model.config.vocab_size, int)
 
 
+def test_eval_only_and_max_minutes(arith, tmp_path):
+    """max_steps=0 evaluates the start and writes no checkpoint; max_minutes stops training early, then the final
+    eval and the save run as at max_steps."""
+    common = ["config/grpo_arith_tiny.py", f"--init_from={arith}/sft", f"--train_prompts={arith}/train.jsonl",
+              f"--eval_prompts={arith}/test.jsonl", "--eval_max_prompts=16", "--prompts_per_step=4"]
+    r = grpo(*common, "--max_steps=0", f"--out_dir={tmp_path}/a")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(eval_accuracies(r.stdout)) == 1 and not (tmp_path / "a" / "ckpt.pt").exists()
+    shown = [json.loads(line) for line in open(tmp_path / "a" / "eval_completions.jsonl")]
+    assert len(shown) == 4 and {"step", "prompt", "completion", "answer"} <= set(shown[0])
+    r = grpo(*common, "--max_steps=50", "--max_minutes=0.0001", f"--out_dir={tmp_path}/b")
+    assert r.returncode == 0 and "max_minutes=0.0001 reached at step 1" in r.stdout, r.stdout[-2000:]
+    assert len(eval_accuracies(r.stdout)) == 2
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 1
+
+
 def test_exact_resume(arith, tmp_path):
     common = ["config/grpo_arith_tiny.py", f"--init_from={arith}/sft", f"--train_prompts={arith}/train.jsonl",
               "--eval_prompts=", "--max_steps=4", "--prompts_per_step=4", "--mu=2", "--beta=0.05"]
