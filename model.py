@@ -411,6 +411,16 @@ def check_ids(idx, vocab_size):
                          f"[0, {vocab_size})")
 
 
+def compile_in_place(module, backend="inductor"):
+    """module.compile(), without Inductor's mix-order reduction: on the GPU (torch 2.10, 2.11) it can fuse a
+    LayerNorm's backward with the gradient sums of the [1, 1, C] mixes after it and return those gradients as [C],
+    failing backward (pytorch/pytorch#178080: the likely cause of whole compiled blocks failing here); torch 2.12+
+    fixed the shape but not every wrong-gradient case (pytorch/pytorch#193061)."""
+    import torch._inductor.config as inductor_config
+    off = backend == "inductor" and hasattr(inductor_config.triton, "mix_order_reduction")  # not in older torch
+    module.compile(backend=backend, options={"triton.mix_order_reduction": False} if off else None)
+
+
 class RWKV(nn.Module):
 
     def __init__(self, config):
@@ -561,15 +571,9 @@ class RWKV(nn.Module):
         os.replace(tmp, path)
 
     def compile_blocks(self, backend="inductor"):
-        """torch.compile each block in place (parameter names get no _orig_mod. prefix), as train_pretrain does.
-        On the GPU, Inductor's mix-order reduction (torch 2.10, 2.11) can fuse a LayerNorm's backward with the
-        gradient sums of the [1, 1, C] mixes after it and return those gradients as [C], failing backward
-        (pytorch/pytorch#178080: the likely cause of the README's failure, not yet confirmed here); torch 2.12+ fixed
-        the shape but not every wrong-gradient case (pytorch/pytorch#193061). So these blocks compile without it."""
-        import torch._inductor.config as inductor_config
-        off = backend == "inductor" and hasattr(inductor_config.triton, "mix_order_reduction")  # not in older torch
+        """torch.compile each block in place (parameter names get no _orig_mod. prefix), as train_pretrain does."""
         for block in self.blocks:
-            block.compile(backend=backend, options={"triton.mix_order_reduction": False} if off else None)
+            compile_in_place(block, backend)
 
     # --- long context (seed (d): ctx_parts and state_cp / infctx) ---
 
@@ -843,7 +847,7 @@ class Hybrid(nn.Module):
     def compile_time_mixers(self):
         """torch.compile each RWKV time-mixer in place (names keep no prefix): fuses its many small elementwise ops."""
         for i in self.rwkv_layers:
-            self.hf.model.layers[i].self_attn.student.compile()
+            compile_in_place(self.hf.model.layers[i].self_attn.student)
 
     def drop_teacher_attention(self):
         for i in self.rwkv_layers:
