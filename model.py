@@ -15,6 +15,7 @@ token's ln1 output, the WKV state in the authors' [value, key] layout, and the p
 gives the same logits as the text processed at once, and decoding is `model(next_token[:, None], state=s)`.
 """
 
+import inspect
 import json
 import math
 import os
@@ -763,14 +764,15 @@ class RWKVAttention(nn.Module):
         self.student, self.slot, self.layer_idx = student, slot, layer_idx
         self.teacher_attn = teacher_attn
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
         state = self.slot.state
         shift, wkv = state.rwkv.get(self.layer_idx, (None, None))
         out, state.v_first, shift, wkv = self.student(hidden_states, state.v_first, shift, wkv)
         state.rwkv[self.layer_idx] = (shift, wkv)
         if self.slot.align:  # stage 1: compare with the teacher, continue with the teacher
             with torch.no_grad():
-                target, _ = self.teacher_attn(hidden_states, position_embeddings, attention_mask, None, **kwargs)
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}  # no cache here
+                target, _ = self.teacher_attn(hidden_states, position_embeddings, attention_mask, **kwargs)
             # per-token L2 distance, divided by sqrt(width) so that it reads as an RMS and is size independent
             state.align_losses.append((out.float() - target.float()).norm(dim=-1).mean() / math.sqrt(out.shape[-1]))
             return target, None
@@ -804,6 +806,9 @@ class Hybrid(nn.Module):
                                       head_size=head_dim, dim_att=cfg.num_attention_heads * head_dim,
                                       att_bias=attn0.q_proj.bias is not None, wkv_impl=wkv_impl)
         self.slot = _Slot()
+        # the decoder layers' name for the KV cache argument: `cache` from transformers 5.24, `past_key_values` before
+        self._cache_name = "cache" if "cache" in inspect.signature(type(layers[0]).forward).parameters \
+            else "past_key_values"
         self.grad_checkpointing = False  # recompute each decoder layer in backward (HF's own would drop the state)
         for i in self.rwkv_layers:
             attn = layers[i].self_attn
@@ -904,8 +909,8 @@ class Hybrid(nn.Module):
         scratch.v_first = v_first
         self.slot.state, self.slot.align = scratch, align
         try:
-            x = self.hf.model.layers[i](x, attention_mask=mask, position_ids=positions, past_key_values=scratch,
-                                        position_embeddings=rope)
+            x = self.hf.model.layers[i](x, attention_mask=mask, position_ids=positions, position_embeddings=rope,
+                                        **{self._cache_name: scratch})
         finally:
             self.slot.state, self.slot.align = None, False
         return x, (scratch.rwkv if rwkv else scratch.kv)[i], scratch.v_first, scratch.align_losses
