@@ -735,10 +735,12 @@ def select_layers(spec, n_layer):
 class HybridState:
     """What a hybrid carries between calls: (att_shift, wkv) per RWKV layer, (keys, values) per attention layer,
     and the number of tokens seen. `update` is the one method of Hugging Face's Cache that attention layers call.
-    A forward never modifies the state it was given (it builds a new one), so one state can seed many samples."""
+    A forward never modifies the state it was given (it builds a new one), so one state can seed many samples.
+    Rows of different lengths (sample.cat_states) keep their KV caches left-padded to `length` slots: pad (B,)
+    counts row b's empty leading slots (None = no padding), so a new token lands in the same slot in every row."""
 
-    def __init__(self, length=0, rwkv=None, kv=None):
-        self.length, self.rwkv, self.kv = length, dict(rwkv or {}), dict(kv or {})
+    def __init__(self, length=0, rwkv=None, kv=None, pad=None):
+        self.length, self.rwkv, self.kv, self.pad = length, dict(rwkv or {}), dict(kv or {}), pad
         self.v_first, self.align_losses = None, []  # scratch of one layer's call (Hybrid._layer)
 
     def update(self, key, value, layer_idx, *args, **kwargs):
@@ -749,9 +751,11 @@ class HybridState:
         return key, value
 
     def map(self, fn):
-        """A new state with fn applied to every tensor, e.g. lambda t: t.repeat_interleave(8, 0) for 8 samples."""
+        """A new state with fn applied to every tensor, e.g. lambda t: t.repeat_interleave(8, 0) for 8 samples
+        (the per-row pad counts included)."""
         return HybridState(self.length, {i: tuple(fn(t) for t in s) for i, s in self.rwkv.items()},
-                           {i: tuple(fn(t) for t in s) for i, s in self.kv.items()})
+                           {i: tuple(fn(t) for t in s) for i, s in self.kv.items()},
+                           None if self.pad is None else fn(self.pad))
 
 
 class RWKVAttention(nn.Module):
@@ -871,15 +875,22 @@ class Hybrid(nn.Module):
         check_ids(idx, self.config.vocab_size)
         inner = self.hf.model
         past = 0 if state is None else state.length
-        new_state = HybridState(past + T) if state is None else HybridState(past + T, state.rwkv, state.kv)
+        pad = None if state is None else state.pad
+        new_state = HybridState(past + T) if state is None else HybridState(past + T, state.rwkv, state.kv, pad)
         x = inner.embed_tokens(idx)
-        positions = torch.arange(past, past + T, device=idx.device)[None].expand(B, T)
+        slots = torch.arange(past, past + T, device=idx.device)  # the cache slots the new tokens take
+        positions = slots[None].expand(B, T)
+        if pad is not None:  # a left-padded row counts its own tokens only (its cached keys were rotated so)
+            positions = positions - pad[:, None]
         rope = inner.rotary_emb(x, positions)
-        mask = None  # plain causal attention; continuing after a cache needs an explicit mask
-        if past and T > 1:
-            allowed = torch.arange(past + T, device=idx.device)[None] <= positions[0][:, None]
-            mask = torch.zeros(T, past + T, dtype=x.dtype, device=idx.device)
-            mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)[None, None].expand(B, 1, T, past + T)
+        mask = None  # plain causal attention; continuing after a cache, or padded rows, need an explicit mask
+        if pad is not None or (past and T > 1):
+            allowed = torch.arange(past + T, device=idx.device)[None] <= slots[:, None]  # (T, past + T) causal
+            if pad is not None:  # and no row sees its pad slots: (B, T, past + T)
+                allowed = allowed & (torch.arange(past + T, device=idx.device) >= pad[:, None])[:, None]
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=idx.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)
+            mask = mask.view(-1, 1, T, past + T).expand(B, 1, T, past + T)
         v_first, align_losses = None, []
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i in range(len(inner.layers)):

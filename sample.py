@@ -113,15 +113,22 @@ def expand_state(state, n):
     return [tuple(t.repeat_interleave(n, dim=0) for t in layer) for layer in state]
 
 def cat_states(states):
-    """The states of separately prefilled prompts stacked into one batch."""
-    if isinstance(states[0], HybridState):  # attention caches stack only when the prompts have equal lengths
-        if len({s.length for s in states}) > 1:
-            raise ValueError("batched prompts (prompts_file) on a hybrid need equal token lengths (their KV caches "
-                             "must match); use an RWKV-only model or one prompt")
-        first = states[0]
-        return HybridState(first.length,
-                           {i: tuple(map(torch.cat, zip(*(s.rwkv[i] for s in states)))) for i in first.rwkv},
-                           {i: tuple(map(torch.cat, zip(*(s.kv[i] for s in states)))) for i in first.kv})
+    """The states of separately prefilled prompts (of any lengths) stacked into one batch."""
+    if isinstance(states[0], HybridState):
+        first, L = states[0], max(s.length for s in states)
+        rwkv = {i: tuple(map(torch.cat, zip(*(s.rwkv[i] for s in states)))) for i in first.rwkv}
+        if all(s.length == L and s.pad is None for s in states):  # equal lengths: the KV caches just stack
+            return HybridState(L, rwkv, {i: tuple(map(torch.cat, zip(*(s.kv[i] for s in states)))) for i in first.kv})
+        # unequal lengths: each KV cache (B, H, length, D) is left-padded with empty slots up to L, so that later
+        # tokens append at the same slot in every row; pad tells Hybrid.forward which slots each row hides
+        kv = {i: tuple(torch.cat([F.pad(t, (0, 0, L - s.length, 0)) for t, s in zip(ts, states)])
+                       for ts in zip(*(s.kv[i] for s in states))) for i in first.kv}
+        pad = []
+        for s in states:
+            t = next(t for layer in (*s.rwkv.values(), *s.kv.values()) for t in layer)  # any tensor: rows, device
+            own = torch.zeros(t.shape[0], dtype=torch.long, device=t.device) if s.pad is None else s.pad
+            pad.append(own + (L - s.length))
+        return HybridState(L, rwkv, kv, torch.cat(pad))
     return [tuple(torch.cat(ts) for ts in zip(*layers)) for layers in zip(*states)]
 
 @torch.no_grad()

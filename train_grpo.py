@@ -227,19 +227,12 @@ def decode(model, logits, state, max_new_tokens, gens, tok, temperature=1.0, top
 @torch.no_grad()
 def rollout(model, prompt_ids, G, max_new_tokens, gens, tok, temperature=1.0, top_p=1.0, stop=(), n_valid=None,
             cuda_graph=False, autocast=nullcontext(), batch_prompts=0):
-    """G completions for each prompt: each prompt is prefilled once, its state copied G times. RWKV batches all
-    prompts together (batch_prompts at a time, 0 = all); a hybrid batches prompts of equal length (equal KV cache
-    lengths). gens: P*G generators, prompt-major. -> P*G rows, prompt-major: dicts with prompt (ids), ids
-    (completion), logps (sampling time), truncated."""
-    hybrid = isinstance(model, Hybrid)
-    if hybrid:  # same token length -> same KV cache length -> one batch
-        groups = {}
-        for p, ids in enumerate(prompt_ids):
-            groups.setdefault(len(ids), []).append(p)
-        batches = list(groups.values())
-    else:
-        n = batch_prompts or len(prompt_ids)
-        batches = [list(range(i, min(i + n, len(prompt_ids)))) for i in range(0, len(prompt_ids), n)]
+    """G completions for each prompt: each prompt is prefilled once, its state copied G times. All prompts are
+    sampled together, batch_prompts at a time (0 = all); a hybrid's KV caches of prompts of different lengths are
+    left-padded to a common length (sample.cat_states). gens: P*G generators, prompt-major. -> P*G rows,
+    prompt-major: dicts with prompt (ids), ids (completion), logps (sampling time), truncated."""
+    n = batch_prompts or len(prompt_ids)
+    batches = [list(range(i, min(i + n, len(prompt_ids)))) for i in range(0, len(prompt_ids), n)]
     rows = [None] * (len(prompt_ids) * G)
     for batch in batches:
         with autocast:

@@ -160,7 +160,7 @@ def test_rollouts_hybrid_with_kv_cache_and_logprobs():
     with torch.no_grad():
         for p in hybrid.student_parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    # two prompts of equal length share a batch (equal KV cache lengths), the third runs alone
+    # prompts of different lengths share one batch (their KV caches left-padded to a common length)
     check_rollouts(hybrid, [[3, 4, 5], [6, 7, 8], [9, 10, 11, 12, 13]], G=3)
 
 

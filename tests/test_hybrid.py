@@ -88,6 +88,47 @@ def test_generation_with_state_equals_full_recompute(teacher, layers):
         assert rel_err(out[1], out[0]) <= 1e-6 and state.length == many.length
 
 
+def test_prompts_of_different_lengths_batch(teacher):
+    """Prompts of 3, 7 and 12 tokens prefilled apart, stacked (KV caches left-padded to 12 slots) and each row
+    copied twice, then fed the same 10 tokens: each row's logits are those of its prompt decoded alone, and of one
+    parallel forward over prompt + tokens; greedy generation on the batch is each prompt's own."""
+    from sample import cat_states, expand_state, generate, prefill
+    hybrid = Hybrid(copy.deepcopy(teacher), [0, 2]).eval()  # layers 1 and 3 keep attention
+    with torch.no_grad():
+        for p in hybrid.student_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (3, 7, 12)]
+    nxt = torch.randint(0, 300, (3, 10), generator=g)
+    prefilled = [prefill(hybrid, p) for p in prompts]
+    stacked = cat_states([s for _, s in prefilled])
+    assert stacked.pad.tolist() == [9, 5, 0] and stacked.length == 12
+    state, tokens = expand_state(stacked, 2), nxt.repeat_interleave(2, 0)
+    assert state.pad.tolist() == [9, 9, 5, 5, 0, 0]
+    with torch.no_grad():
+        steps = []
+        for t in range(10):
+            logits, _, state = hybrid(tokens[:, t:t + 1], state=state)
+            steps.append(logits[:, 0])
+        batched = torch.stack(steps, 1)  # (6, 10, V)
+        chunk = hybrid(tokens, state=expand_state(stacked, 2))[0]  # the 10 tokens in one call after the padded cache
+        assert rel_err(chunk, batched) <= 1e-5
+        for i, (p, (_, s)) in enumerate(zip(prompts, prefilled)):
+            alone = []
+            for t in range(10):
+                logits, _, s = hybrid(nxt[i:i + 1, t:t + 1], state=s)
+                alone.append(logits[0, 0])
+            alone = torch.stack(alone)
+            full = hybrid(torch.tensor([p + nxt[i].tolist()]))[0][0, len(p):]
+            for row in (2 * i, 2 * i + 1):
+                assert rel_err(batched[row], alone) <= 1e-5 and rel_err(batched[row], full) <= 1e-5
+    logits = torch.cat([lg for lg, _ in prefilled])
+    batch = generate(hybrid, logits, stacked, 12, [torch.Generator()] * 3, temperature=0)[0]
+    for (lg, s), row in zip(prefilled, batch):
+        assert generate(hybrid, lg, s, 12, [torch.Generator()], temperature=0)[0][0] == row
+    assert len({tuple(row) for row in batch}) == 3
+
+
 def test_save_load_identical(teacher, tmp_path):
     hybrid = Hybrid(copy.deepcopy(teacher), [1, 2, 3]).eval()
     hybrid.untie_embeddings()

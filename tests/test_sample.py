@@ -238,7 +238,8 @@ def test_sampler_filters():
 
 def test_hybrid_directory(tmp_path):
     """A hybrid (attention in layers 0 and 2, RWKV in 1 and 3) loads through the same entry point and decodes
-    recurrently (its state has a KV cache) like the full recompute; samples come from its expanded state."""
+    recurrently (its state has a KV cache) like the full recompute; samples come from its expanded state; prompts of
+    equal and of different lengths batch."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -261,9 +262,13 @@ def test_hybrid_directory(tmp_path):
     two = cat_states([state, state])  # prompts of equal length stack: their KV caches match
     assert generate(model, torch.cat([logits, logits]), two, 8, [torch.Generator()] * 2, temperature=0)[0] == \
         [tokens[:8]] * 2
-    _, longer = prefill(model, prompt + [5])
-    with pytest.raises(ValueError, match="equal token lengths"):
-        cat_states([state, longer])
+    # prompts of different lengths stack too (left-padded KV caches): each row decodes as it does alone
+    lg_longer, longer = prefill(model, prompt + [5])
+    alone = generate(model, lg_longer, longer, 8, [torch.Generator()], temperature=0)[0][0]
+    mixed = cat_states([state, longer])
+    assert mixed.pad.tolist() == [1, 0] and mixed.length == len(prompt) + 1
+    assert generate(model, torch.cat([logits, lg_longer]), mixed, 8, [torch.Generator()] * 2, temperature=0)[0] == \
+        [tokens[:8], alone]
 
 
 # --- streaming text -----------------------------------------------------------------------------------------------
