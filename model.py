@@ -256,7 +256,7 @@ def wkv7(r, w, k, v, a, b, state=None, impl="auto", part_len=0):
 def token_shift(x, prev):
     """The previous token's vector for every position: (B, T, C) -> (B, T, C); `prev` (B, C) or None = zeros."""
     first = torch.zeros_like(x[:, :1]) if prev is None else prev[:, None].to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1)
+    return first if x.shape[1] == 1 else torch.cat([first, x[:, :-1]], dim=1)  # (decoding: no copy)
 
 
 class TimeMix(nn.Module):
@@ -331,8 +331,8 @@ class TimeMix(nn.Module):
         B, T, _ = x.shape
         H, N = self.n_head, self.head_size
         xx = token_shift(x, shift) - x
-        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
-        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+        mixes = torch.cat([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])  # (6, 1, C)
+        xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, mixes[:, None]).unbind(0)  # x + xx * mix, all six at once
 
         r = self.receptance(xr)
         w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # raw decay; wkv7 turns it into exp(-e^-0.5 sigmoid(w))
@@ -342,19 +342,19 @@ class TimeMix(nn.Module):
         g = torch.sigmoid(xg @ self.g1) @ self.g2  # output gate: sigmoid in the middle, nothing after
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)  # from the unmodified k
-        k = k * (1 + (a - 1) * self.k_a)
+        k = torch.lerp(k, k * a, self.k_a)  # k * (1 + (a - 1) * k_a)
         if self.is_first:
             v_first = v
         else:  # value residual: lerp towards layer 0's value
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            v = torch.lerp(v, v_first, torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2))
 
         shape = (B, T, H, N)
         y, wkv_state = wkv7(r.view(shape), w.view(shape), k.view(shape), v.view(shape),
                             -kk, kk * a.view(shape), wkv_state, self.wkv_impl, self.wkv_part_len)
         y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
         # "bonus": one scalar per (token, head), sum of r*k*r_k, times that head's value; added after ln_x
-        bonus = (r.view(shape) * k.view(shape) * self.r_k).sum(dim=-1, keepdim=True) * v.view(shape)
-        y = y + bonus.view(B, T, H * N)
+        bonus = (r.view(shape) * k.view(shape) * self.r_k).sum(dim=-1, keepdim=True)
+        y = torch.addcmul(y.view(shape), bonus, v.view(shape)).view(B, T, H * N)
         # the shift state is a copy: a view x[:, -1] would keep all of x (T tokens) alive as long as the state
         return self.output(y * g), v_first, x[:, -1].clone(), wkv_state
 
@@ -370,7 +370,7 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(4 * C, C, bias=False)
 
     def forward(self, x, shift=None):
-        xk = x + (token_shift(x, shift) - x) * self.x_k
+        xk = torch.addcmul(x, token_shift(x, shift) - x, self.x_k)
         return self.value(torch.relu(self.key(xk)) ** 2), x[:, -1].clone()  # a copy, as in TimeMix
 
 
@@ -827,6 +827,11 @@ class Hybrid(nn.Module):
     @property
     def config(self):
         return self.hf.config
+
+    @property
+    def fixed_size_state(self):
+        """True when every layer is RWKV: no KV cache grows, so decoding can replay one CUDA graph."""
+        return len(self.rwkv_layers) == len(self.hf.model.layers)
 
     def student_parameters(self):
         return [p for n, p in self.named_parameters() if ".student." in n]

@@ -174,7 +174,7 @@ def graphed_step(model, state):
     step is a few hundred tiny kernels, so launching them one by one from Python is most of its time. Needs a
     state of fixed size: an RWKV model, or a hybrid without attention layers (a KV cache grows every step)."""
     hybrid = isinstance(state, HybridState)
-    if hybrid and (state.kv or len(model.rwkv_layers) < len(model.hf.model.layers)):
+    if hybrid and (state.kv or not model.fixed_size_state):
         raise ValueError("a CUDA graph needs a fixed-size state: this hybrid has attention layers (a growing KV cache)")
     static = state.map(torch.clone) if hybrid else [tuple(t.clone() for t in layer) for layer in state]
     buffers = state_tensors(static)
@@ -419,7 +419,7 @@ if __name__ == '__main__':
         fail(e)
     model.eval().to(device)
     with exit_on_config_error():
-        check(not cuda_graph or isinstance(model, RWKV) or len(model.rwkv_layers) == len(model.hf.model.layers),
+        check(not cuda_graph or isinstance(model, RWKV) or model.fixed_size_state,
               "cuda_graph=True needs a fixed-size state: an RWKV model or a hybrid without attention layers")
     if compile and cuda_graph:  # the graph replays the model's forward: compile its layers in place,
         for block in (model.blocks if isinstance(model, RWKV) else model.hf.model.layers):  # so it runs fused kernels

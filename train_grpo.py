@@ -363,7 +363,7 @@ if __name__ == "__main__":
         model.load_state_dict(ckpt["model"])
     model.to(device)
     n_valid = decodable(tok, model.config.vocab_size)
-    fixed_state = kind == "rwkv" or len(model.rwkv_layers) == len(model.hf.model.layers)
+    fixed_state = kind == "rwkv" or model.fixed_size_state
     with exit_on_config_error():
         check(not cuda_graph or (use_cuda and fixed_state), "cuda_graph=True needs CUDA and a fixed-size state (an "
               "RWKV model or a hybrid without attention layers)")
