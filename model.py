@@ -631,19 +631,25 @@ def ctx_warmup_len(step, initial_ctx_len, ctx_len, warmup_steps):
     return initial_ctx_len + (ctx_len - initial_ctx_len) * step // warmup_steps
 
 
-def all_reduce_grads(params, group=None, bucket_numel=2 ** 25):
-    """DDP's gradient average, by hand, for state_cp: forward_segments calls the model once per segment and
-    recomputes segments inside backward, while DDP's reducer wants one DDP.forward and each gradient ready once.
-    So the gradients accumulate locally and are averaged here, after the step's last backward (flat buckets)."""
+def all_reduce_grads(params, group=None, average=True, bucket_numel=2 ** 25):
+    """DDP's gradient average (or sum), by hand, for state_cp: forward_segments calls the model once per segment
+    and recomputes segments inside backward, while DDP's reducer wants one DDP.forward and each gradient ready once.
+    So the gradients accumulate locally and are reduced here, after the step's last backward (flat buckets).
+    GRPO sums: each rank's loss is already its share of the global one."""
     import torch.distributed as dist
-    grads = [p.grad for p in params if p.grad is not None]
+    params = [p for p in params if p.requires_grad]
+    for p in params:  # a rank that saw no data still joins every bucket
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     while grads:
         n, size = 0, 0
         while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket_numel):
             size, n = size + grads[n].numel(), n + 1
         flat = torch.cat([g.flatten() for g in grads[:n]])
         dist.all_reduce(flat, group=group)  # a sum: gloo has no AVG
-        flat /= dist.get_world_size(group)
+        if average:
+            flat /= dist.get_world_size(group)
         for g, f in zip(grads[:n], flat.split([g.numel() for g in grads[:n]])):
             g.copy_(f.view_as(g))
         grads = grads[n:]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from configurator import ConfigError, StopFlag, check, configure, exit_on_config_error, start_run
 from data.grpo.tasks import REWARDS, load_prompts, parse_rewards
 from data.tokenizers import get_tokenizer
-from model import Hybrid, load_hf_model
+from model import Hybrid, all_reduce_grads, load_hf_model
 from sample import cat_states, decodable, encode, expand_state, graphed_step, load_model, prefill, sample
 
 # -----------------------------------------------------------------------------
@@ -377,10 +377,13 @@ if __name__ == "__main__":
 
     # --- benchmark: our rollouts vs Hugging Face generate ------------------------------------------------------
     if benchmark_rollouts:
-        hf = load_hf_model(benchmark_hf or init_from, dtype=torch.bfloat16 if use_cuda else torch.float32).to(device)
-        hf.eval()
         if use_cuda and dtype == "auto":  # both sides in bf16 weights (training keeps fp32 weights under autocast)
             model.to(torch.bfloat16)
+        if kind == "hybrid" and not model.rwkv_layers and not benchmark_hf:  # the policy is the HF model itself
+            hf = model.hf
+        else:  # (its attention replaced: load the original again)
+            hf = load_hf_model(benchmark_hf or init_from, dtype=torch.bfloat16 if use_cuda else torch.float32)
+        hf.to(device).eval()
         text = train_set[0]["prompt"] if train_set else "Tell me a story about a goose."
         ids = encode_prompt(text)
         model.eval()
@@ -582,12 +585,7 @@ if __name__ == "__main__":
                         sums[key] += st[key]
                     sums["loss"] += loss.item()
             if distributed:  # each rank's loss is its share of the global one: summed gradients are exact
-                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-                dist.all_reduce(flat)
-                offset = 0
-                for p in params:
-                    p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-                    offset += p.numel()
+                all_reduce_grads(params, average=False)
             if n_seq > 0:  # (over all ranks; Adam would still move the weights on zero gradients)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 if math.isfinite(grad_norm.item()):
