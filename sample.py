@@ -221,16 +221,20 @@ def generate(model, logits, state, max_new_tokens, gens, temperature=1.0, top_p=
     rows = torch.arange(B, device=logits.device)
     step = graphed_step(model, state) if cuda_graph else None
     out, t0 = [[] for _ in range(B)], time.perf_counter()
+    penalised = presence_penalty != 0 or frequency_penalty != 0  # (else: no per-step work over the vocabulary)
     for _ in range(max_new_tokens):
-        logits = logits + ban - presence_penalty * seen - frequency_penalty * counts
+        logits = logits + ban
+        if penalised:
+            logits = logits - presence_penalty * seen - frequency_penalty * counts
         tokens = sample(logits, gens, temperature, top_p, top_k)
         ids = tokens.tolist()
         for row, t in zip(out, ids):
             row.append(t)
-        counts.mul_(penalty_decay)
-        weights = [1.0 if token_weight is None else token_weight(t) for t in ids]
-        counts[rows, tokens] += torch.tensor(weights, device=counts.device)
-        seen[rows, tokens] = True
+        if penalised:
+            counts.mul_(penalty_decay)
+            weights = [1.0 if token_weight is None else token_weight(t) for t in ids]
+            counts[rows, tokens] += torch.tensor(weights, device=counts.device)
+            seen[rows, tokens] = True
         if step:
             logits, state = step(tokens)
         else:
