@@ -207,12 +207,14 @@ def graphed_step(model, state):
 @torch.no_grad()
 def generate(model, logits, state, max_new_tokens, gens, temperature=1.0, top_p=1.0, top_k=0,
              presence_penalty=0.0, frequency_penalty=0.0, penalty_decay=0.996, token_weight=None,
-             n_valid=None, on_tokens=None, cuda_graph=False):
+             n_valid=None, on_tokens=None, cuda_graph=False, logprobs=None):
     """Decode from a prefilled (logits (B, V), state), one token per row per step through the recurrent form.
     Penalties as in the authors' PIPELINE.generate: a token generated before loses presence + frequency * count;
     counts decay by penalty_decay per step, and a new occurrence adds token_weight(t) (0 for whitespace and
     digit tokens). Ids >= n_valid (ones the tokenizer cannot decode) are never drawn. on_tokens(B ids) returns
-    True to stop early. -> (B lists of ids, state after the last token)."""
+    True to stop early. logprobs, a list of B lists, receives each drawn token's log-probability under
+    softmax(logits / temperature) (temperature 0: at 1), as GRPO needs. -> (B lists of ids, state after the last
+    token)."""
     B, V = logits.shape
     ban = torch.zeros(V, device=logits.device)
     ban[V if n_valid is None else n_valid:] = float('-inf')
@@ -230,6 +232,10 @@ def generate(model, logits, state, max_new_tokens, gens, temperature=1.0, top_p=
         ids = tokens.tolist()
         for row, t in zip(out, ids):
             row.append(t)
+        if logprobs is not None:
+            lp = F.log_softmax(logits.float() / (temperature or 1.0), dim=-1).gather(1, tokens[:, None])[:, 0]
+            for row, x in zip(logprobs, lp.tolist()):
+                row.append(x)
         if penalised:
             counts.mul_(penalty_decay)
             weights = [1.0 if token_weight is None else token_weight(t) for t in ids]

@@ -37,7 +37,7 @@ from configurator import ConfigError, StopFlag, check, configure, exit_on_config
 from data.grpo.tasks import REWARDS, load_prompts, parse_rewards
 from data.tokenizers import get_tokenizer
 from model import Hybrid, all_reduce_grads, load_hf_model
-from sample import cat_states, decodable, encode, expand_state, graphed_step, load_model, prefill, sample
+from sample import cat_states, decodable, encode, expand_state, generate, load_model, prefill
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and --key=value)
@@ -187,41 +187,28 @@ def format_prompt(tok, text, fmt, system=""):
     return tok.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-@torch.no_grad()
 def decode(model, logits, state, max_new_tokens, gens, tok, temperature=1.0, top_p=1.0, stop=(), n_valid=None,
            cuda_graph=False, autocast=nullcontext()):
-    """Sample from a prefilled (logits (B, V), state) until end-of-text, a stop string or max_new_tokens, one token
-    per row per step. -> per row (ids, sampling-time log-probs, truncated). A row's ids run through the token that
-    ended it (end-of-text, or the one completing a stop string). Log-probs are of softmax(logits / temperature),
-    the distribution the update uses (temperature 0 = greedy, log-probs at temperature 1)."""
-    B, V = logits.shape
-    ban = torch.zeros(V, device=logits.device)
-    ban[V if n_valid is None else n_valid:] = float("-inf")
-    ids, logps = [[] for _ in range(B)], [[] for _ in range(B)]
-    done, truncated = [False] * B, [True] * B
+    """Sample from a prefilled (logits (B, V), state) until end-of-text, a stop string or max_new_tokens
+    (sample.generate, stopping once every row has ended). -> per row (ids, sampling-time log-probs, truncated).
+    A row's ids run through the token that ended it (end-of-text, or the one completing a stop string).
+    Log-probs are of softmax(logits / temperature), the distribution the update uses."""
+    B = logits.shape[0]
+    ends = [None] * B  # per row: the number of tokens through the one that ended it
     window = max([len(s) for s in stop] + [1]) + 4  # tokens of text to search for a stop string (>= 1 char each)
-    with autocast:  # the graph records the kernels of the precision it is captured in
-        step = graphed_step(model, state) if cuda_graph else None
-    for _ in range(max_new_tokens):
-        logits = logits.float() + ban
-        tokens = sample(logits, gens, temperature, top_p)
-        lp = F.log_softmax(logits / (temperature or 1.0), dim=-1).gather(1, tokens[:, None])[:, 0].tolist()
-        for b, t in enumerate(tokens.tolist()):
-            if done[b]:
-                continue
-            ids[b].append(t)
-            logps[b].append(lp[b])
-            if t == tok.eot_id or (stop and any(s in tok.decode(ids[b][-window:]) for s in stop)):
-                done[b], truncated[b] = True, False
-        if all(done):
-            break
-        with autocast:
-            if step:
-                logits, state = step(tokens)
-            else:
-                logits, _, state = model(tokens[:, None], state=state)
-                logits = logits[:, -1]
-    return [(ids[b], logps[b], truncated[b]) for b in range(B)]
+    so_far, logps = [[] for _ in range(B)], [[] for _ in range(B)]
+
+    def on_tokens(new_ids):
+        for b, t in enumerate(new_ids):
+            so_far[b].append(t)
+            if ends[b] is None and (t == tok.eot_id or (stop and any(s in tok.decode(so_far[b][-window:])
+                                                                     for s in stop))):
+                ends[b] = len(so_far[b])
+        return all(e is not None for e in ends)
+    with autocast:  # (a CUDA graph records the kernels of the precision it is captured in)
+        out, _ = generate(model, logits, state, max_new_tokens, gens, temperature, top_p, n_valid=n_valid,
+                          on_tokens=on_tokens, cuda_graph=cuda_graph, logprobs=logps)
+    return [(out[b][:ends[b]], logps[b][:ends[b]], ends[b] is None) for b in range(B)]
 
 
 @torch.no_grad()
