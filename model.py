@@ -637,11 +637,7 @@ def all_reduce_grads(params, group=None, average=True, bucket_numel=2 ** 25):
     So the gradients accumulate locally and are reduced here, after the step's last backward (flat buckets).
     GRPO sums: each rank's loss is already its share of the global one."""
     import torch.distributed as dist
-    params = [p for p in params if p.requires_grad]
-    for p in params:  # a rank that saw no data still joins every bucket
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in params if p.grad is not None]  # (the same set on every rank)
     while grads:
         n, size = 0, 0
         while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket_numel):

@@ -572,6 +572,9 @@ if __name__ == "__main__":
                         sums[key] += st[key]
                     sums["loss"] += loss.item()
             if distributed:  # each rank's loss is its share of the global one: summed gradients are exact
+                for p in params:  # a rank that had no sequence to learn from still joins every bucket
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
                 all_reduce_grads(params, average=False)
             if n_seq > 0:  # (over all ranks; Adam would still move the weights on zero gradients)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
