@@ -253,6 +253,12 @@ def wkv7(r, w, k, v, a, b, state=None, impl="auto", part_len=0):
 # 3. One RWKV-7 layer
 
 
+def last_token(x):
+    """x[:, -1], the next shift state: a copy when T > 1 (a view would keep all T tokens of x alive with the
+    state), a view when decoding (one token: nothing to free, one kernel fewer)."""
+    return x[:, -1] if x.shape[1] == 1 else x[:, -1].clone()
+
+
 def token_shift(x, prev):
     """The previous token's vector for every position: (B, T, C) -> (B, T, C); `prev` (B, C) or None = zeros."""
     first = torch.zeros_like(x[:, :1]) if prev is None else prev[:, None].to(x.dtype)
@@ -355,8 +361,7 @@ class TimeMix(nn.Module):
         # "bonus": one scalar per (token, head), sum of r*k*r_k, times that head's value; added after ln_x
         bonus = (r.view(shape) * k.view(shape) * self.r_k).sum(dim=-1, keepdim=True)
         y = torch.addcmul(y.view(shape), bonus, v.view(shape)).view(B, T, H * N)
-        # the shift state is a copy: a view x[:, -1] would keep all of x (T tokens) alive as long as the state
-        return self.output(y * g), v_first, x[:, -1].clone(), wkv_state
+        return self.output(y * g), v_first, last_token(x), wkv_state
 
 
 class ChannelMix(nn.Module):
@@ -371,7 +376,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift=None):
         xk = torch.addcmul(x, token_shift(x, shift) - x, self.x_k)
-        return self.value(torch.relu(self.key(xk)) ** 2), x[:, -1].clone()  # a copy, as in TimeMix
+        return self.value(torch.relu(self.key(xk)) ** 2), last_token(x)
 
 
 class Block(nn.Module):

@@ -250,7 +250,7 @@ def test_stage3_lora(tiny_teacher, chat_data, tmp_path):
 
 def test_stage3_state_cp_under_torchrun(tiny_teacher, chat_data, tmp_path):
     """Stage 3 with state_cp on 2 trainer ranks x batch 2 (DDP: gradients averaged by hand; FSDP2) gives the losses
-    and weights of one process with batch 4 (<= 1e-4 on the 4-decimal log, <= 1e-5 on the weights)."""
+    and weights of one process with batch 4 (<= 1e-4 on the 4-decimal log and on the weights)."""
     common = [f"--base={tiny_teacher}", "--stage=3", f"--data={chat_data}", "--ctx_len=64", "--eval_batches=2",
               "--log_interval=1", "--warmup_steps=2", "--max_steps=4", "--learning_rate=3e-3", "--eval_interval=1000",
               "--save_interval=1000", "--state_cp=True", "--ctx_parts=3"]
@@ -261,4 +261,6 @@ def test_stage3_state_cp_under_torchrun(tiny_teacher, chat_data, tmp_path):
                          nproc=2), "train", "ce")
         assert len(got) == len(want) == 4 and max(abs(a - b) for a, b in zip(got, want)) <= 1e-4, (parallel, got, want)
         w2 = torch.load(tmp_path / parallel / "ckpt.pt", weights_only=False)["model"]
-        assert w1.keys() == w2.keys() and max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5, parallel
+        # 1e-4: Adam divides by sqrt(v), so an embedding row with a near-zero gradient turns summation-order noise
+        # into ~2e-5 of movement; a wrong gradient (a rank's share lost or doubled) moves weights by ~lr = 3e-3
+        assert w1.keys() == w2.keys() and max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-4, parallel
