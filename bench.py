@@ -250,8 +250,7 @@ def bench_decode(device, n_layer=12, n_embd=768, steps=256, prompt_len=16):
     results = {}
     for batch, graph, compiled in runs:
         if compiled:
-            for block in model.blocks:  # in place, as sample.py --compile=True --cuda_graph=True does
-                block.compile()
+            model.compile_blocks()  # in place, as sample.py --compile=True --cuda_graph=True does
         for n in (8, steps):  # warm-up (graph capture, compilation), then the timed run
             logits, state = prefill(model, prompt)
             gens = [torch.Generator().manual_seed(i) for i in range(batch)]

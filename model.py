@@ -348,11 +348,11 @@ class TimeMix(nn.Module):
         g = torch.sigmoid(xg @ self.g1) @ self.g2  # output gate: sigmoid in the middle, nothing after
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)  # from the unmodified k
-        k = torch.lerp(k, k * a, self.k_a)  # k * (1 + (a - 1) * k_a)
+        k = k * (1 + (a - 1) * self.k_a)  # (not torch.lerp: it does not promote bf16 and fp32 under autocast)
         if self.is_first:
             v_first = v
         else:  # value residual: lerp towards layer 0's value
-            v = torch.lerp(v, v_first, torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2))
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
 
         shape = (B, T, H, N)
         y, wkv_state = wkv7(r.view(shape), w.view(shape), k.view(shape), v.view(shape),
@@ -422,7 +422,11 @@ def compile_in_place(module, backend="inductor"):
     LayerNorm's backward with the gradient sums of the [1, 1, C] mixes after it and return those gradients as [C],
     failing backward (pytorch/pytorch#178080: the likely cause of whole compiled blocks failing here); torch 2.12+
     fixed the shape but not every wrong-gradient case (pytorch/pytorch#193061)."""
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
+    # blocks share one forward and differ in layer_id (a static int): one compilation each, and past the default
+    # limit of 8 the rest silently ran eager (L12: 4 of 12 blocks)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
     off = backend == "inductor" and hasattr(inductor_config.triton, "mix_order_reduction")  # not in older torch
     module.compile(backend=backend, options={"triton.mix_order_reduction": False} if off else None)
 

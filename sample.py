@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from configurator import check, configure, exit_on_config_error
 from data.binidx import load_meta
 from data.tokenizers import get_tokenizer, is_partial
-from model import RWKV, Hybrid, HybridState
+from model import RWKV, Hybrid, HybridState, compile_in_place
 
 # -----------------------------------------------------------------------------
 init_from = ''  # an official-layout .pth (the authors' releases, save_pretrained) or a directory with ckpt.pt
@@ -252,7 +252,9 @@ def generate(model, logits, state, max_new_tokens, gens, temperature=1.0, top_p=
             break
     sync(logits.device)
     timing['decode_s'] += time.perf_counter() - t0
-    return out, [tuple(t.clone() for t in layer) for layer in state] if step else state
+    if step:  # the graph's buffers are overwritten by the next capture's run: hand back copies
+        state = state.map(torch.clone) if isinstance(state, HybridState) else [tuple(t.clone() for t in l) for l in state]
+    return out, state
 
 class Stream:
     """One row's text as it is generated: complete UTF-8 characters only (a token can end inside one), cut
@@ -433,7 +435,7 @@ if __name__ == '__main__':
               "cuda_graph=True needs a fixed-size state: an RWKV model or a hybrid without attention layers")
     if compile and cuda_graph:  # the graph replays the model's forward: compile its layers in place,
         for block in (model.blocks if isinstance(model, RWKV) else model.hf.model.layers):  # so it runs fused kernels
-            block.compile()
+            compile_in_place(block)
     elif compile:
         model = torch.compile(model)
     settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,

@@ -260,3 +260,16 @@ def test_compiled_blocks_match_eager(backend="aot_eager"):
     for name, p in ref.named_parameters():
         assert grads[name].grad.shape == p.shape, name
         assert rel_err(grads[name].grad, p.grad) <= 1e-5, name
+
+
+def test_every_block_compiles():
+    """Blocks differ in a static layer_id: one compilation each. Past dynamo's default recompile limit (8) the
+    rest used to run eager without an error; compile_in_place raises the limit."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = RWKV(RWKVConfig(n_layer=10, n_embd=64, vocab_size=100))
+    model.compile_blocks("eager")
+    model(torch.randint(0, 100, (1, 8)))
+    assert counters["stats"]["unique_graphs"] == 10
