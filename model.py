@@ -49,6 +49,7 @@ class RWKVConfig:
     dim_att: int = 0  # width of r/k/v and the WKV heads; 0 = n_embd (differs only in hybrids, e.g. Qwen3)
     att_bias: bool = False  # biases on r/k/v (hybrids copying a Qwen2 teacher's q/k/v biases)
     wkv_impl: str = "auto"  # 'auto' (GPU kernel on CUDA/ROCm, PyTorch elsewhere), 'kernel' or 'torch'
+    dropout: float = 0.0  # on both residual branches of every block while training (the authors' recipe has none)
 
     def __post_init__(self):
         self.dim_att = self.dim_att or self.n_embd
@@ -390,15 +391,16 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(C)
         self.att = TimeMix(config, layer_id)
         self.ffn = ChannelMix(config)
+        self.drop = nn.Dropout(config.dropout)  # (no weights: official files are unchanged)
 
     def forward(self, x, v_first, state=None):
         att_shift, wkv_state, ffn_shift = (None, None, None) if state is None else state
         if self.layer_id == 0:
             x = self.ln0(x)
         dx, v_first, att_shift, wkv_state = self.att(self.ln1(x), v_first, att_shift, wkv_state)
-        x = x + dx
+        x = x + self.drop(dx)
         dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
-        x = x + dx
+        x = x + self.drop(dx)
         return x, v_first, (att_shift, wkv_state, ffn_shift)
 
 

@@ -55,6 +55,7 @@ n_embd = 768
 head_size = 64
 vocab_size = 0               # 0 = the data's (meta.json)
 wkv_impl = 'auto'            # 'auto' (GPU kernel on CUDA, chunked PyTorch elsewhere), 'kernel', 'torch'
+dropout = 0.0                # on each block's residual branches (nanoGPT's small-data configs use 0.2; the authors: 0)
 # optimizer and schedule
 learning_rate = 6e-4         # the authors' lr_init
 min_lr = 6e-5                # lr_final, reached at max_tokens
@@ -159,10 +160,10 @@ with exit_on_config_error():
             check(vocab_size or data_vocab, f"{data_dir} has no meta.json: set vocab_size (65536 for RWKV World)")
             torch.manual_seed(seed)  # the same initial weights on every rank
             model = RWKV(RWKVConfig(n_layer=n_layer, n_embd=n_embd, head_size=head_size,
-                                    vocab_size=vocab_size or data_vocab, wkv_impl=wkv_impl))
+                                    vocab_size=vocab_size or data_vocab, wkv_impl=wkv_impl, dropout=dropout))
         else:
             check(os.path.isfile(init_from), f"init_from={init_from!r}: no such file ('scratch', 'resume' or a .pth)")
-            model = RWKV.from_pretrained(init_from, wkv_impl=wkv_impl)
+            model = RWKV.from_pretrained(init_from, wkv_impl=wkv_impl, dropout=dropout)
             if lora_r:
                 lora_base = os.path.abspath(init_from)
                 torch.manual_seed(seed)  # LoRA A's random init: the same in every run with this seed

@@ -273,3 +273,21 @@ def test_every_block_compiles():
     model.compile_blocks("eager")
     model(torch.randint(0, 100, (1, 8)))
     assert counters["stats"]["unique_graphs"] == 10
+
+
+def test_dropout_acts_in_training_only():
+    """config.dropout drops on both residual branches in train mode; eval mode (and dropout=0) is the plain model,
+    and the state dict (official layout) is the same."""
+    torch.manual_seed(0)
+    plain = RWKV(RWKVConfig(n_layer=2, n_embd=64, vocab_size=100))
+    plain.init_weights()
+    for p in plain.parameters():  # output projections start at zero: give the branches something to drop
+        p.data += 0.02 * torch.randn_like(p)
+    dropped = RWKV(RWKVConfig(n_layer=2, n_embd=64, vocab_size=100, dropout=0.3))
+    assert dropped.state_dict().keys() == plain.state_dict().keys()
+    dropped.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(dropped.eval()(idx)[0], plain.eval()(idx)[0])
+        assert torch.equal(plain.train()(idx)[0], plain.eval()(idx)[0])
+        assert rel_err(dropped.train()(idx)[0], plain.eval()(idx)[0]) > 1e-3
