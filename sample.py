@@ -106,11 +106,15 @@ def sync(device):
 
 # --- state: per layer (att_shift [B, C], wkv [B, H, N, N] fp32, ffn_shift [B, C]); a HybridState for hybrids ----
 
+def map_state(state, fn):
+    """fn applied to every tensor of a state (an RWKV model's list of layers, or a HybridState)."""
+    if isinstance(state, HybridState):
+        return state.map(fn)
+    return [tuple(fn(t) for t in layer) for layer in state]
+
 def expand_state(state, n):
     """Each row repeated n times along the batch, as copies: rows [a, b] -> [a]*n + [b]*n."""
-    if isinstance(state, HybridState):
-        return state.map(lambda t: t.repeat_interleave(n, dim=0))
-    return [tuple(t.repeat_interleave(n, dim=0) for t in layer) for layer in state]
+    return map_state(state, lambda t: t.repeat_interleave(n, dim=0))
 
 def cat_states(states):
     """The states of separately prefilled prompts (of any lengths) stacked into one batch."""
@@ -176,7 +180,7 @@ def graphed_step(model, state):
     hybrid = isinstance(state, HybridState)
     if hybrid and (state.kv or not model.fixed_size_state):
         raise ValueError("a CUDA graph needs a fixed-size state: this hybrid has attention layers (a growing KV cache)")
-    static = state.map(torch.clone) if hybrid else [tuple(t.clone() for t in layer) for layer in state]
+    static = map_state(state, torch.clone)
     buffers = state_tensors(static)
     tokens = torch.zeros(buffers[0].shape[0], dtype=torch.long, device=buffers[0].device)
 
@@ -252,9 +256,7 @@ def generate(model, logits, state, max_new_tokens, gens, temperature=1.0, top_p=
             break
     sync(logits.device)
     timing['decode_s'] += time.perf_counter() - t0
-    if step:  # the graph's buffers are overwritten by the next capture's run: hand back copies
-        state = state.map(torch.clone) if isinstance(state, HybridState) else [tuple(t.clone() for t in l) for l in state]
-    return out, state
+    return out, map_state(state, torch.clone) if step else state  # (the graph's buffers: the next replay overwrites them)
 
 class Stream:
     """One row's text as it is generated: complete UTF-8 characters only (a token can end inside one), cut
