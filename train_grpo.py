@@ -50,7 +50,7 @@ train_prompts = ""  # .jsonl of {"prompt", "answer"} (data/grpo/prepare.py)
 eval_prompts = ""  # held-out prompts for the greedy evaluation; '' = none
 prompt_format = "auto"  # 'raw' (as is), 'rwkv' ("User: ...\n\nAssistant:"), 'chat' (the tokenizer's template), 'auto'
 system_prompt = ""  # 'chat' format only
-rewards = "arith"  # 'name[:weight],...' from data/grpo/tasks.py REWARDS: arith, gsm8k, format
+rewards = "arith"  # 'name[:weight],...' from data/grpo/tasks.py REWARDS: arith, gsm8k, format, digits
 eval_reward = ""  # the reward whose mean is the eval accuracy; '' = the first of `rewards`
 # rollouts
 prompts_per_step = 16  # over all ranks

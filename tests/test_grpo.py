@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data.grpo.sft import sft
-from data.grpo.tasks import (arith_prompts, arith_reward, extract_answer, format_reward, gsm8k_prompts,
+from data.grpo.tasks import (arith_prompts, arith_reward, digits_reward, extract_answer, format_reward, gsm8k_prompts,
                              gsm8k_reward, is_heldout, parse_rewards)
 from helpers import random_model
 from model import Hybrid
@@ -181,6 +181,9 @@ def test_rewards_on_hand_written_strings():
     assert arith_reward("46", "46") == 1.0 and arith_reward(" 46\n", "46") == 1.0
     assert arith_reward("46 7", "46") == 0.0 and arith_reward("47", "46") == 0.0 and arith_reward("", "46") == 0
     assert arith_reward("-5", "-5") == 1.0
+    assert digits_reward("83 + 13 = 96", "96") == 1.0 and digits_reward("96 + 79 = 165", "175") == 2 / 3
+    assert digits_reward("#### 1175", "175") == 3 / 4 and digits_reward("#### 75", "175") == 2 / 3
+    assert digits_reward("#### -96", "96") == 0.0 and digits_reward("no number", "96") == 0.0
     assert [(n, w) for n, _, w in parse_rewards("gsm8k:1.0, format:0.2")] == [("gsm8k", 1.0), ("format", 0.2)]
     with pytest.raises(ValueError, match="unknown reward 'acc'"):
         parse_rewards("acc")

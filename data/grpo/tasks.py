@@ -86,7 +86,21 @@ def arith_reward(completion, answer):
     return float(bool(m) and same_number(m.group(1), answer))
 
 
-REWARDS = {"gsm8k": gsm8k_reward, "format": format_reward, "arith": arith_reward}
+def digits_reward(completion, answer):
+    """Partial credit for a near miss: the share of the reference's digits that the extracted answer gets right,
+    aligned from the units digit, 0 when the signs differ, and less when the lengths differ (165 for 175: 2/3).
+    A dense signal for a small model that rarely gets a whole sum right; pair it with an exact-match reward."""
+    got, ref = extract_answer(completion), answer.strip()
+    if got is None or to_number(got) is None or to_number(ref) is None:
+        return 0.0
+    x, y = int(round(to_number(got))), int(round(to_number(ref)))
+    if (x < 0) != (y < 0):
+        return 0.0
+    a, b = str(abs(x))[::-1], str(abs(y))[::-1]
+    return sum(p == q for p, q in zip(a, b)) / max(len(a), len(b))
+
+
+REWARDS = {"gsm8k": gsm8k_reward, "format": format_reward, "arith": arith_reward, "digits": digits_reward}
 
 
 def parse_rewards(spec):
@@ -141,7 +155,7 @@ def arith_prompts(n, split="train", digits=(1, 2), ops="+", seed=0, heldout_perc
             prompt = text + "="
         else:
             a, op, b = re.match(r"(\d+)([+*-])(\d+)", text).groups()
-            prompt = f"What is {a} {op} {b}? Give the final answer after '####', e.g. '#### 7'."
+            prompt = f"What is {a} {op} {b}? End your answer with '#### <number>'."  # no example number to copy
         out.append({"prompt": prompt, "answer": answer})
     if len(out) < n:
         raise ValueError(f"only {len(out)} distinct {split} problems of {digits} digits with ops {ops!r} "
