@@ -163,6 +163,7 @@ _WKV7_OPS = {}  # head size -> (forward op, backward op, chunk length)
 WKV7_ROWS_PER_BLOCK = 0  # state rows per thread block: 16, 32 or 64; 0 = chosen from B*H (tests and bench set it)
 
 
+@torch.compiler.disable  # file and build work: dynamo must not trace it (it broke the first compiled block's graph)
 def _wkv7_build(N):
     import zlib
     from torch.utils import cpp_extension

@@ -396,7 +396,7 @@ def chat_loop(model, tok, preamble, settings):
         print("Assistant:", end='', flush=True)
 
         def on_tokens(ids):
-            print(stream.flush() if ids[0] == tok.eot_id else stream.push(ids[0]), end='', flush=True)
+            print(stream.flush() if ids[0] in tok.end_ids else stream.push(ids[0]), end='', flush=True)
             return stream.done
         _, state = generate(model, logits, state, max_new_tokens, gens, **settings, on_tokens=on_tokens)
         clean = stream.text[stream.shown:].startswith('\n\n')  # else the next turn begins with it
@@ -478,7 +478,7 @@ if __name__ == '__main__':
 
             def on_tokens(ids):
                 for s, t in zip(streams, ids):
-                    text = s.flush() if t == tok.eot_id else s.push(t)
+                    text = s.flush() if t in tok.end_ids else s.push(t)
                     if B == 1:
                         print(text, end='', flush=True)
                 return all(s.done for s in streams)

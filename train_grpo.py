@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+import types
 from contextlib import nullcontext
 
 import torch
@@ -191,7 +192,7 @@ def decode(model, logits, state, max_new_tokens, gens, tok, temperature=1.0, top
            cuda_graph=False, autocast=nullcontext()):
     """Sample from a prefilled (logits (B, V), state) until end-of-text, a stop string or max_new_tokens
     (sample.generate, stopping once every row has ended). -> per row (ids, sampling-time log-probs, truncated).
-    A row's ids run through the token that ended it (end-of-text, or the one completing a stop string).
+    A row's ids run through the token that ended it (one of tok.end_ids, or the one completing a stop string).
     Log-probs are of softmax(logits / temperature), the distribution the update uses."""
     B = logits.shape[0]
     ends = [None] * B  # per row: the number of tokens through the one that ended it
@@ -201,7 +202,7 @@ def decode(model, logits, state, max_new_tokens, gens, tok, temperature=1.0, top
     def on_tokens(new_ids):
         for b, t in enumerate(new_ids):
             so_far[b].append(t)
-            if ends[b] is None and (t == tok.eot_id or (stop and any(s in tok.decode(so_far[b][-window:])
+            if ends[b] is None and (t in tok.end_ids or (stop and any(s in tok.decode(so_far[b][-window:])
                                                                      for s in stop))):
                 ends[b] = len(so_far[b])
         return all(e is not None for e in ends)
@@ -236,8 +237,9 @@ def rollout(model, prompt_ids, G, max_new_tokens, gens, tok, temperature=1.0, to
 
 
 def completion_text(tok, ids, stop=()):
-    """The text a reward sees: decoded without the end-of-text token, cut before the first stop string."""
-    text = tok.decode([t for t in ids if t != tok.eot_id])
+    """The text a reward sees: decoded without the end-of-text (or end-of-turn) token, cut before the first stop
+    string."""
+    text = tok.decode([t for t in ids if t not in tok.end_ids])
     cut = min([text.find(s) for s in stop if s and s in text] + [len(text)])
     return text[:cut]
 
@@ -374,6 +376,7 @@ if __name__ == "__main__":
         text = train_set[0]["prompt"] if train_set else "Tell me a story about a goose."
         ids = encode_prompt(text)
         model.eval()
+        never_ends = types.SimpleNamespace(end_ids=set(), decode=tok.decode)  # exactly n_new tokens per row
         rows = []
         for G in benchmark_groups:
             for who in ("ours", "hf"):
@@ -382,11 +385,9 @@ if __name__ == "__main__":
                     if use_cuda:
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    if who == "ours":  # no end-of-text, no stop: exactly n_new tokens per row, like min_new_tokens
-                        class NoEot:
-                            eot_id, decode = None, tok.decode
+                    if who == "ours":  # no end token, no stop: like min_new_tokens on the HF side
                         gens = [torch.Generator().manual_seed(seed + i) for i in range(G)]
-                        rollout(model, [ids], G, n_new, gens, NoEot(), temperature or 1.0, top_p, (), n_valid,
+                        rollout(model, [ids], G, n_new, gens, never_ends, temperature or 1.0, top_p, (), n_valid,
                                 cuda_graph, autocast)
                     else:
                         x = torch.tensor([ids], device=device)

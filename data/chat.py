@@ -25,6 +25,23 @@ def load_tokenizer(spec):
     return AutoTokenizer.from_pretrained(spec)
 
 
+def turn_end_id(tok):
+    """The special token that closes an assistant turn in tok's chat template ('<|im_end|>' for SmolLM2 and Qwen,
+    '<|eot_id|>' for Llama 3), or None. Replies end there even when the tokenizer's eos is another token (SmolLM2's
+    GGUF names '<|endoftext|>' as eos under some transformers versions)."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    marker = "Zq7Reply"
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}],
+                                       tokenize=False)
+    except Exception:  # a template may reject this minimal conversation (jinja raises its own error types)
+        return None
+    after = text.rsplit(marker, 1)[1] if marker in text else ""
+    ids = tok.encode(after, add_special_tokens=False) if after else []
+    return ids[0] if ids and ids[0] in tok.all_special_ids else None
+
+
 def as_messages(record):
     """Chat messages from the formats we read: {'messages'}, GSM8K {'question','answer'}, Alpaca
     {'instruction','input','output'}; None for plain {'text'} records."""

@@ -1,5 +1,6 @@
 """
-Tokenizers behind one small interface: encode(text) -> list[int], decode(ids) -> str, vocab_size, eot_id, name.
+Tokenizers behind one small interface: encode(text) -> list[int], decode(ids) -> str, vocab_size, eot_id, name,
+and end_ids: the ids that end a generated reply (eot, plus a chat template's end-of-turn token).
 get_tokenizer(spec) builds one from a spec string:
     world[:path/to/rwkv_vocab_v20230424.txt]   RWKV World (plain 'world' uses the copy in the `rwkv` pip package)
     tiktoken:<encoding>                        e.g. tiktoken:gpt2
@@ -18,6 +19,7 @@ class WorldTokenizer:
     vocab_size is 65536 like the official models."""
     def __init__(self, vocab_file, name=None):
         self.name, self.eot_id, self.vocab_size = name or f"world:{vocab_file}", 0, 65536
+        self.end_ids = {0}
         self.id2bytes = {0: b''}  # eot decodes to nothing; callers stop on eot_id themselves
         with open(vocab_file, encoding='utf-8') as f:
             for line in f:  # "<id> <python str or bytes literal> <byte length>"
@@ -62,6 +64,7 @@ class TiktokenTokenizer:
         import tiktoken
         self.enc = tiktoken.get_encoding(encoding)
         self.name, self.eot_id, self.vocab_size = f"tiktoken:{encoding}", self.enc.eot_token, self.enc.n_vocab
+        self.end_ids = {self.eot_id}
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)  # '<|endoftext|>' inside a document is plain text, not eot
@@ -71,9 +74,10 @@ class TiktokenTokenizer:
 
 class HFTokenizer:
     def __init__(self, path):  # a hub id, a directory or a .gguf file
-        from data.chat import load_tokenizer
+        from data.chat import load_tokenizer, turn_end_id
         self.tok = load_tokenizer(path)
         self.name, self.eot_id, self.vocab_size = f"hf:{path}", self.tok.eos_token_id, len(self.tok)
+        self.end_ids = {i for i in (self.eot_id, turn_end_id(self.tok)) if i is not None}
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False)  # no BOS: documents are joined by eot
@@ -88,6 +92,7 @@ class CharTokenizer:
             self.chars = json.load(f)['chars']
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.name, self.eot_id, self.vocab_size = f"char:{meta_file}", None, len(self.chars)
+        self.end_ids = set()
 
     def encode(self, text):
         return [self.stoi[c] for c in text]

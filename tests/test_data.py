@@ -72,6 +72,22 @@ def test_hf_tokenizer(tmp_path):
     ids = tok.encode(text)
     assert tok.eot_id == 0 and tok.eot_id not in ids and tok.vocab_size == len(bpe.get_vocab())
     assert tok.decode(ids) == text
+    assert tok.end_ids == {0}  # no chat template: replies end at eos only
+
+
+def test_hf_tokenizer_chat_turn_end(tmp_path, data_dir):
+    # eos is <|endoftext|>, but the template closes a turn with <|im_end|>: a reply ends at either
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["hello world"] * 20, vocab_size=280, special_tokens=["<|endoftext|>", "<|im_end|>"])
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}<|im_end|>\n{% endfor %}"
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                            additional_special_tokens=["<|im_end|>"], chat_template=template).save_pretrained(tmp_path)
+    tok = get_tokenizer(f"hf:{tmp_path}")
+    assert tok.eot_id == 0 and tok.end_ids == {0, 1}
+    smol = get_tokenizer(f"hf:{os.path.join(data_dir, 'smollm2-135m-instruct', 'SmolLM2-135M-Instruct.Q4_1.gguf')}")
+    assert smol.tok.convert_ids_to_tokens(sorted(smol.end_ids)) in (["<|im_end|>"], ["<|endoftext|>", "<|im_end|>"])
 
 # ---------------------------------------------------------------- binidx
 

@@ -113,8 +113,9 @@ def test_one_step_moves_log_probs_the_right_way():
 # --- rollouts ------------------------------------------------------------------------------------------------
 
 class NumTok:
-    """A stand-in tokenizer: id i decodes to the letter chr(97 + i % 26); id 0 is end-of-text."""
-    eot_id = 0
+    """A stand-in tokenizer: id i decodes to the letter chr(97 + i % 26); ids 0 and 1 end a reply (end-of-text and
+    end-of-turn)."""
+    eot_id, end_ids = 0, {0, 1}
 
     def decode(self, ids):
         return "".join(chr(97 + i % 26) for i in ids)
@@ -143,10 +144,14 @@ def test_rollouts_rwkv_cloned_state_and_logprobs():
     model = random_model(1, n_layer=2, n_embd=64, head_size=16, vocab_size=40, wkv_impl="torch")
     rows = check_rollouts(model, [[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14, 15]], G=4)
     assert any(r["truncated"] for r in rows)
+    # a row ends at the first of either end token (end-of-text or end-of-turn), which the reward never sees
+    assert {r["ids"][-1] for r in rows if not r["truncated"]} == NumTok.end_ids
+    assert all(t not in NumTok.end_ids for r in rows for t in r["ids"][:-1])
+    assert all(completion_text(NumTok(), r["ids"]) == NumTok().decode(r["ids"][:-1]) for r in rows if not r["truncated"])
     # stop strings: a row ends with the token that completes one; the reward text is cut before it
     rows = check_rollouts(model, [[3, 4, 5, 6]], G=6, stop=("c",))
     for r in rows:
-        if not r["truncated"] and r["ids"][-1] != 0:
+        if not r["truncated"] and r["ids"][-1] not in NumTok.end_ids:
             assert NumTok().decode(r["ids"]).endswith("c") and "c" not in completion_text(NumTok(), r["ids"], ["c"])
 
 

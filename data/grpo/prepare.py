@@ -2,7 +2,7 @@
 Prompt files for train_grpo.py: {"prompt", "answer"} per line, train.jsonl and test.jsonl in --out.
 
     python data/grpo/prepare.py --task=arith --digits=1,2 --ops=+ --out=data/grpo/arith12          # '12+34='
-    python data/grpo/prepare.py --task=arith --digits=2,3 --style=question --out=data/grpo/arith23  # chat models
+    python data/grpo/prepare.py --task=arith --digits=2,3 --style=question --out=data/grpo/add23    # chat models
     python data/grpo/prepare.py --task=gsm8k --gsm8k_dir=path/to/gsm8k --out=data/grpo/gsm8k
 
 The arithmetic problems are deterministic in --seed; a problem is held out by a hash of its text, so the train
