@@ -21,6 +21,7 @@ sample.py load) and out_dir/ckpt.pt (optimizer, step, RNG: exact resume with ini
 import math
 import os
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -168,53 +169,89 @@ def load_or_exit(what, fn, *args, **kwargs):
 
 def serve_teacher(model, trainers):
     """Teacher-rank loop: gather input ids from our trainers, one batched forward, send back targets. A header
-    (B, T, go) precedes each request; go = 0 means that trainer is done."""
+    (B, T, go) precedes each request; go = 0 means that trainer is done. Messages live on `device` (NCCL moves
+    CUDA tensors only)."""
     active = list(trainers)
     while active:
         requests = []
         for r in list(active):
-            header = torch.zeros(3, dtype=torch.int64)
+            header = torch.zeros(3, dtype=torch.int64, device=device)
             dist.recv(header, src=r)
             if header[2] == 0:
                 active.remove(r)
                 continue
-            ids = torch.zeros(int(header[0]), int(header[1]), dtype=torch.int64)
+            ids = torch.zeros(int(header[0]), int(header[1]), dtype=torch.int64, device=device)
             dist.recv(ids, src=r)
             requests.append((r, ids))
         if not requests:
             break
         with torch.no_grad(), autocast:
-            logits = model(torch.cat([ids for _, ids in requests]).to(device)).logits
+            logits = model(torch.cat([ids for _, ids in requests])).logits
         target = teacher_targets(logits, topk, kl_temperature)
         row = 0
         for r, ids in requests:
             part = slice(row, row + ids.shape[0])
             row += ids.shape[0]
             if topk:
-                dist.send(target[0][part].cpu().contiguous(), dst=r)
-                dist.send(target[1][part].cpu().contiguous(), dst=r)
+                dist.send(target[0][part].contiguous(), dst=r)
+                dist.send(target[1][part].contiguous(), dst=r)
             else:
-                dist.send(target[part].to(torch.bfloat16 if use_cuda else torch.float32).cpu().contiguous(), dst=r)
+                dist.send(target[part].to(torch.bfloat16 if use_cuda else torch.float32).contiguous(), dst=r)
+
+
+def wait_for(work, failed):
+    """work.wait(), any error appended to failed (a helper thread's body)."""
+    try:
+        work.wait()
+    except RuntimeError as e:  # the connection to a dead rank closed
+        failed.append(str(e).strip().splitlines()[0])
+
+
+def lost_teacher(why):
+    src = n_trainers + rank % teacher_ranks
+    return SystemExit(f"error: lost teacher rank {src} ({why}; see its log above); the last checkpoint in {out_dir} "
+                      f"is intact")
 
 
 def ask_teacher(ids):
-    """Trainer side of serve_teacher. Raises a clear error if the teacher rank died or timed out."""
+    """Trainer side of serve_teacher. A teacher rank that dies, hangs past teacher_timeout, or a stop signal
+    (torchrun sends SIGTERM to the other ranks when one dies) ends the run with one line; the last checkpoint is
+    left as it was. A receive waits in a helper thread while this one watches the clock and the stop flag: a
+    blocking receive would sit through both (signal handlers cannot run inside it)."""
     src = n_trainers + rank % teacher_ranks
+
+    def receive(buffer):
+        work, failed = dist.irecv(buffer, src=src), []
+        waiter = threading.Thread(target=wait_for, args=(work, failed), daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + teacher_timeout
+        while waiter.is_alive():
+            waiter.join(0.001)
+            if waiter.is_alive() and (stop_flag.requested or time.monotonic() > deadline):
+                raise lost_teacher("this run was stopped" if stop_flag.requested
+                                   else f"no answer in {teacher_timeout}s")
+        if failed:
+            raise lost_teacher(failed[0])
+        return buffer
     try:
-        dist.send(torch.tensor([ids.shape[0], ids.shape[1], 1]), dst=src)
-        dist.send(ids.cpu().contiguous(), dst=src)
+        dist.send(torch.tensor([ids.shape[0], ids.shape[1], 1], device=device), dst=src)
+        dist.send(ids.contiguous(), dst=src)
         if topk:
             k = min(topk, vocab_size)
-            values, idx = torch.zeros(*ids.shape, k), torch.zeros(*ids.shape, k, dtype=torch.int64)
-            dist.recv(values, src=src)
-            dist.recv(idx, src=src)
-            return values.to(device), idx.to(device)
-        out = torch.zeros(*ids.shape, vocab_size, dtype=torch.bfloat16 if use_cuda else torch.float32)
-        dist.recv(out, src=src)
-        return out.to(device).float()
+            values = receive(torch.zeros(*ids.shape, k, device=device))
+            return values, receive(torch.zeros(*ids.shape, k, dtype=torch.int64, device=device))
+        dtype = torch.bfloat16 if use_cuda else torch.float32
+        return receive(torch.zeros(*ids.shape, vocab_size, dtype=dtype, device=device)).float()
+    except RuntimeError as e:  # the connection to a dead rank closed
+        raise lost_teacher(str(e).strip().splitlines()[0]) from None
+
+
+def release_teacher():
+    """Tell our teacher rank that we are done (after the last checkpoint: a teacher gone by then is still an error)."""
+    try:
+        dist.send(torch.tensor([0, 0, 0], device=device), dst=n_trainers + rank % teacher_ranks)
     except RuntimeError as e:
-        raise SystemExit(f"error: teacher rank {src} failed or timed out after {teacher_timeout}s ({e}); "
-                         f"the last checkpoint in {out_dir} is intact") from None
+        raise lost_teacher(str(e).strip().splitlines()[0]) from None
 
 
 if is_teacher_rank:
@@ -425,7 +462,7 @@ if eval_only:
         print0(f"eval | student ppl {math.exp(ev['ce']):.3f} | teacher ppl {math.exp(ev['teacher_ce']):.3f} | ratio "
                f"{math.exp(ev['ce'] - ev['teacher_ce']):.3f} | top-1 agreement {ev['agreement']:.3f}")
     if stage == 2 and teacher_ranks:
-        dist.send(torch.tensor([0, 0, 0]), dst=n_trainers + rank % teacher_ranks)  # tell our teacher we are done
+        release_teacher()
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -507,7 +544,7 @@ while step < max_steps and not stop_flag.requested and not (exit_step and step >
         save()
 save()
 if stage == 2 and teacher_ranks:
-    dist.send(torch.tensor([0, 0, 0]), dst=n_trainers + rank % teacher_ranks)  # tell our teacher we are done
+    release_teacher()
 print0(f"{'stopped' if stop_flag.requested else 'done'} at step {step}; saved {out_dir}/hybrid and {out_dir}/ckpt.pt")
 if distributed:
     dist.barrier()  # all ranks finish before any tears down

@@ -264,3 +264,58 @@ def test_stage3_state_cp_under_torchrun(tiny_teacher, chat_data, tmp_path):
         # 1e-4: Adam divides by sqrt(v), so an embedding row with a near-zero gradient turns summation-order noise
         # into ~2e-5 of movement; a wrong gradient (a rank's share lost or doubled) moves weights by ~lr = 3e-3
         assert w1.keys() == w2.keys() and max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-4, parallel
+
+
+def _worker_pid(root_pid, rank):
+    """The pid of torchrun worker `rank` among root_pid's descendants (Linux /proc), or None."""
+    parent, env = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env[int(pid)] = f.read().split(b"\0")
+        except OSError:
+            continue
+    def descends(pid):
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == root_pid:
+                return True
+        return False
+    found = [p for p in env if f"RANK={rank}".encode() in env[p] and descends(p)]
+    return min(found) if found else None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the teacher worker through /proc")
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])  # the teacher dies / hangs past teacher_timeout
+def test_teacher_rank_failure_stops_training_with_checkpoint_intact(tiny_teacher, chat_data, tmp_path, how):
+    """A teacher rank that dies or hangs mid-run stops the trainer with a one-line error naming the teacher rank, and
+    the last checkpoint loads."""
+    import signal
+    import time
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_distill.py",
+           "--device=cpu", "--progress_bar=False", f"--base={tiny_teacher}", "--stage=2", f"--data={chat_data}",
+           "--ctx_len=64", "--batch_size=2", "--max_steps=100000", "--eval_interval=100000", "--log_interval=1",
+           "--save_interval=2", "--teacher_ranks=1", "--teacher_timeout=10", f"--out_dir={out_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        while not (out_dir / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert (out_dir / "ckpt.pt").exists(), "no checkpoint was written"
+        teacher = _worker_pid(proc.pid, 1)
+        assert teacher is not None
+        os.kill(teacher, getattr(signal, how))
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (tmp_path / "log.txt").write_text(log)
+    assert proc.returncode != 0, log[-3000:]
+    assert "error: lost teacher rank 1" in log, log[-3000:]
+    assert how == "SIGKILL" or "no answer in 10s" in log or "imed out" in log, log[-3000:]
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] >= 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
