@@ -244,7 +244,7 @@ def completion_text(tok, ids, stop=()):
     return text[:cut]
 
 
-def pack(rows, device, pad_id=0):
+def pack_rollouts(rows, device, pad_id=0):
     """Rows -> ids (B, T) right-padded prompt + completion, mask (B, T-1) = 1 where the next token is a
     completion token, and the sampling-time log-probs (B, T-1) at those positions."""
     T = max(len(r["prompt"]) + len(r["ids"]) for r in rows)
@@ -548,7 +548,7 @@ if __name__ == "__main__":
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [train_rows[i:i + micro_batch] for i in range(0, len(train_rows), micro_batch)]
-        packed = [pack([rows[k] for k in mb], device) for mb in micro]
+        packed = [pack_rollouts([rows[k] for k in mb], device) for mb in micro]
         ref_lp = []
         if beta > 0:
             with torch.no_grad(), autocast:

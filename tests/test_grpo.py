@@ -16,7 +16,7 @@ from data.grpo.tasks import (arith_prompts, arith_reward, digits_reward, extract
                              gsm8k_reward, is_heldout, parse_rewards)
 from helpers import random_model
 from model import Hybrid
-from train_grpo import (completion_text, group_advantages, grpo_loss, pack, rollout, token_logprobs)
+from train_grpo import (completion_text, group_advantages, grpo_loss, pack_rollouts, rollout, token_logprobs)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +94,7 @@ def test_one_step_moves_log_probs_the_right_way():
     model = random_model(0, n_layer=2, n_embd=64, head_size=16, vocab_size=20, wkv_impl="torch").train()
     prompt = [1, 2, 3]
     rows = [dict(prompt=prompt, ids=[5, 6, 7], logps=[0.0] * 3), dict(prompt=prompt, ids=[8, 9], logps=[0.0] * 2)]
-    ids, mask, _ = pack(rows, "cpu")
+    ids, mask, _ = pack_rollouts(rows, "cpu")
 
     def seq_logp():
         with torch.no_grad():
@@ -133,7 +133,7 @@ def check_rollouts(model, prompts, G, stop=()):
             assert single["ids"] == rows[p * G + g]["ids"]
     assert len({tuple(r["ids"]) for r in rows}) > len(prompts)  # the samples differ
     # the parallel forward over prompt + completion reproduces the sampling-time log-probs
-    ids, mask, samp = pack(rows, "cpu")
+    ids, mask, samp = pack_rollouts(rows, "cpu")
     with torch.no_grad():
         logp, _ = token_logprobs(model, ids)
     assert mask.sum() > 0 and ((logp - samp).abs() * mask).max() <= 1e-4
