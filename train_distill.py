@@ -140,6 +140,7 @@ n_trainers = world - teacher_ranks
 with exit_on_config_error():
     check(n_trainers >= 1, f"teacher_ranks={teacher_ranks} leaves no trainer rank out of {world}")
 is_teacher_rank = rank >= n_trainers
+my_teacher = n_trainers + rank % teacher_ranks if teacher_ranks else None  # (trainer ranks)
 master = rank == 0
 device = f"cuda:{local_rank}" if use_cuda else "cpu"
 if use_cuda:
@@ -204,13 +205,13 @@ def wait_for(work, failed):
     try:
         work.wait()
     except RuntimeError as e:  # the connection to a dead rank closed
-        failed.append(str(e).strip().splitlines()[0])
+        failed.append(e)
 
 
 def lost_teacher(why):
-    src = n_trainers + rank % teacher_ranks
-    return SystemExit(f"error: lost teacher rank {src} ({why}; see its log above); the last checkpoint in {out_dir} "
-                      f"is intact")
+    """The one-line exit for a trainer whose teacher rank is gone; why: a reason or the communication error."""
+    return SystemExit(f"error: lost teacher rank {my_teacher} ({str(why).strip().splitlines()[0]}; see its log "
+                      f"above); the last checkpoint in {out_dir} is intact")
 
 
 def ask_teacher(ids):
@@ -218,10 +219,8 @@ def ask_teacher(ids):
     (torchrun sends SIGTERM to the other ranks when one dies) ends the run with one line; the last checkpoint is
     left as it was. A receive waits in a helper thread while this one watches the clock and the stop flag: a
     blocking receive would sit through both (signal handlers cannot run inside it)."""
-    src = n_trainers + rank % teacher_ranks
-
     def receive(buffer):
-        work, failed = dist.irecv(buffer, src=src), []
+        work, failed = dist.irecv(buffer, src=my_teacher), []
         waiter = threading.Thread(target=wait_for, args=(work, failed), daemon=True)
         waiter.start()
         deadline = time.monotonic() + teacher_timeout
@@ -234,8 +233,8 @@ def ask_teacher(ids):
             raise lost_teacher(failed[0])
         return buffer
     try:
-        dist.send(torch.tensor([ids.shape[0], ids.shape[1], 1], device=device), dst=src)
-        dist.send(ids.contiguous(), dst=src)
+        dist.send(torch.tensor([ids.shape[0], ids.shape[1], 1], device=device), dst=my_teacher)
+        dist.send(ids.contiguous(), dst=my_teacher)
         if topk:
             k = min(topk, vocab_size)
             values = receive(torch.zeros(*ids.shape, k, device=device))
@@ -243,15 +242,15 @@ def ask_teacher(ids):
         dtype = torch.bfloat16 if use_cuda else torch.float32
         return receive(torch.zeros(*ids.shape, vocab_size, dtype=dtype, device=device)).float()
     except RuntimeError as e:  # the connection to a dead rank closed
-        raise lost_teacher(str(e).strip().splitlines()[0]) from None
+        raise lost_teacher(e) from None
 
 
 def release_teacher():
     """Tell our teacher rank that we are done (after the last checkpoint: a teacher gone by then is still an error)."""
     try:
-        dist.send(torch.tensor([0, 0, 0], device=device), dst=n_trainers + rank % teacher_ranks)
+        dist.send(torch.tensor([0, 0, 0], device=device), dst=my_teacher)
     except RuntimeError as e:
-        raise lost_teacher(str(e).strip().splitlines()[0]) from None
+        raise lost_teacher(e) from None
 
 
 if is_teacher_rank:
