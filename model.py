@@ -877,6 +877,11 @@ class Hybrid(nn.Module):
         for i in self.rwkv_layers:
             compile_in_place(self.hf.model.layers[i].self_attn.student)
 
+    def compile_blocks(self):
+        """torch.compile every decoder layer in place, as RWKV.compile_blocks does (sample.py, with CUDA graphs)."""
+        for layer in self.hf.model.layers:
+            compile_in_place(layer)
+
     def drop_teacher_attention(self):
         for i in self.rwkv_layers:
             self.hf.model.layers[i].self_attn.teacher_attn = None

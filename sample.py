@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from configurator import check, configure, exit_on_config_error
 from data.binidx import load_meta
 from data.tokenizers import get_tokenizer, is_partial
-from model import RWKV, Hybrid, HybridState, compile_in_place
+from model import RWKV, Hybrid, HybridState
 
 # -----------------------------------------------------------------------------
 init_from = ''  # an official-layout .pth (the authors' releases, save_pretrained) or a directory with ckpt.pt
@@ -436,8 +436,7 @@ if __name__ == '__main__':
         check(not cuda_graph or isinstance(model, RWKV) or model.fixed_size_state,
               "cuda_graph=True needs a fixed-size state: an RWKV model or a hybrid without attention layers")
     if compile and cuda_graph:  # the graph replays the model's forward: compile its layers in place,
-        for block in (model.blocks if isinstance(model, RWKV) else model.hf.model.layers):  # so it runs fused kernels
-            compile_in_place(block)
+        model.compile_blocks()  # so it runs fused kernels
     elif compile:
         model = torch.compile(model)
     settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,

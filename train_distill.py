@@ -218,7 +218,8 @@ def ask_teacher(ids):
     """Trainer side of serve_teacher. A teacher rank that dies, hangs past teacher_timeout, or a stop signal
     (torchrun sends SIGTERM to the other ranks when one dies) ends the run with one line; the last checkpoint is
     left as it was. A receive waits in a helper thread while this one watches the clock and the stop flag: a
-    blocking receive would sit through both (signal handlers cannot run inside it)."""
+    blocking receive would sit through both (signal handlers cannot run inside it), and gloo's irecv completes
+    only inside wait(), so is_completed() cannot be polled instead."""
     def receive(buffer):
         work, failed = dist.irecv(buffer, src=my_teacher), []
         waiter = threading.Thread(target=wait_for, args=(work, failed), daemon=True)
