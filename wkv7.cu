@@ -394,12 +394,22 @@ __global__ void __launch_bounds__(NT_BWD)
 
 namespace wkv7 {
 using at::Tensor;
-static int rows_per_block(int64_t nv, int64_t heads, int64_t want_blocks) {
+static int rows_per_block(int64_t nv, int64_t heads, int64_t want_blocks, int max_nv) {
   TORCH_CHECK(nv == 0 || nv == 16 || nv == 32 || nv == 64, "nv must be 0 (auto), 16, 32 or 64");
   if (nv == 0)  // split heads over blocks until there are enough blocks
-    for (nv = N > 64 ? 64 : N; nv > 16 && heads * (N / nv) < want_blocks; nv /= 2) {}
-  TORCH_CHECK(nv <= N, "nv larger than the head size");
-  return (int)nv;
+    for (nv = max_nv; nv > 16 && heads * (N / nv) < want_blocks; nv /= 2) {}
+  return (int)(nv < max_nv ? nv : max_nv);
+}
+// The most state rows per block: what fits this GPU's shared memory, and at most 32 for head size 128 (the backward's
+// 64 rows would need 240 KB, more than an H100's 227; the forward with 64 rows has not been tested).
+template <template <int> class Smem>
+static int max_rows(int dev) {
+  int smem_max = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const int nv = Smem<N < 64 ? N : 64>::SIZE * 4 <= smem_max ? 64 : Smem<32>::SIZE * 4 <= smem_max ? 32 : 16;
+  TORCH_CHECK(Smem<16>::SIZE * 4 <= smem_max, "wkv7: head size ", N, " needs ", Smem<16>::SIZE * 4 / 1024,
+              " KB of shared memory per block; this GPU has ", smem_max / 1024, " KB");
+  return N > 64 ? (nv < 32 ? nv : 32) : nv < N ? nv : N;
 }
 static Args check(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v, const Tensor& a, const Tensor& b) {
   for (const Tensor* x : {&r, &w, &k, &v, &a, &b}) {
@@ -422,7 +432,7 @@ void forward(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v,
     WKV7_LAUNCH(wkv7_forward<NV>, (unsigned)(heads * (N / NV)), NT, smem, p, s0.data_ptr<float>(),
                 reinterpret_cast<bf16*>(y.data_ptr()), sT.data_ptr<float>(), ckpt.data_ptr<float>());
   };
-  switch (rows_per_block(nv, heads, 264)) {
+  switch (rows_per_block(nv, heads, 264, max_rows<FwdSmem>(r.get_device()))) {
     case 16: run(std::integral_constant<int, 16>()); break;
     case 32: run(std::integral_constant<int, 32>()); break;
     default: run(std::integral_constant<int, N < 64 ? N : 64>());
@@ -434,7 +444,7 @@ void backward(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v
               Tensor& da, Tensor& db, Tensor& ds0, int64_t nv) {
   const Args p = check(r, w, k, v, a, b);
   const int64_t heads = r.size(0) * r.size(2);
-  const int NV = rows_per_block(nv, heads, 132);
+  const int NV = rows_per_block(nv, heads, 132, max_rows<BwdSmem>(r.get_device()));
   Tensor gacc;  // fp32 sums of the key-side gradients when a head is split over several blocks
   if (NV < N) gacc = at::zeros({5, r.numel()}, r.options().dtype(at::kFloat));
   auto bp = [](Tensor& x) { return reinterpret_cast<bf16*>(x.data_ptr()); };

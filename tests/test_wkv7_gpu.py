@@ -57,13 +57,13 @@ def run_ops(xs, s0, dy, dsT, rows_per_block=0):
     return y, sT, grads
 
 
-def check(B, T, H, with_state=True, w_range=(-8.0, 8.0), rows_per_block=0, seed=0):
-    xs, s0 = inputs(B, T, H, w_range=w_range, seed=seed)
+def check(B, T, H, with_state=True, w_range=(-8.0, 8.0), rows_per_block=0, seed=0, N=64):
+    xs, s0 = inputs(B, T, H, N, w_range=w_range, seed=seed)
     if not with_state:
         s0 = torch.zeros_like(s0)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
-    dy = torch.randn(B, T, H, 64, generator=g, device="cuda").bfloat16()
-    dsT = torch.randn(B, H, 64, 64, generator=g, device="cuda")
+    dy = torch.randn(B, T, H, N, generator=g, device="cuda").bfloat16()
+    dsT = torch.randn(B, H, N, N, generator=g, device="cuda")
     y, sT, grads = run_ops(xs, s0, dy, dsT, rows_per_block)
     y_ref, sT_ref, grads_ref = reference(xs, s0, dy, dsT)
     names = ["y", "state_out"] + ["d" + n for n in "rwkvab"] + ["d state_in"]
@@ -90,6 +90,13 @@ def test_large_batch_heads(T, with_state):
 @pytest.mark.parametrize("rows_per_block", [16, 32, 64])
 def test_rows_per_block(rows_per_block):
     check(3, 100, 5, rows_per_block=rows_per_block, seed=rows_per_block)
+
+
+@pytest.mark.parametrize("T", [17, 512])
+@pytest.mark.parametrize("rows_per_block", [0, 16, 32, 64])
+def test_head_size_128(T, rows_per_block):
+    """Head size 128 (Qwen3, Llama 3 teachers): at most 32 state rows per block (shared memory); 64 asked is 32."""
+    check(2, T, 3, rows_per_block=rows_per_block, seed=T, N=128)
 
 
 @pytest.mark.parametrize("w_range", [(-8.0, -7.0), (7.0, 8.0)])
