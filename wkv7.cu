@@ -77,6 +77,9 @@ struct Args {
 __device__ __forceinline__ size_t idx(const Args& p, int bb, int t, int h) { return (((size_t)bb * p.T + t) * p.H + h) * N; }
 
 struct __align__(8) bf16x4 { bf16 x[4]; };
+// 4 floats to shared memory in one 16-byte store (4 scalar stores from a warp's 32 threads would be a 4-way bank
+// conflict: their addresses are 16 bytes apart)
+__device__ __forceinline__ void st4s(float* p, const float* o) { *reinterpret_cast<float4*>(p) = make_float4(o[0], o[1], o[2], o[3]); }
 __device__ __forceinline__ void ld4(const bf16* p, float* o) {
   bf16x4 u = *reinterpret_cast<const bf16x4*>(p);
   for (int q = 0; q < 4; q++) o[q] = __bfloat162float(u.x[q]);
@@ -151,11 +154,9 @@ __device__ void load_keys(const Args& p, int bb, int h, int t0, float* RA, float
       const size_t o = idx(p, bb, tt, h) + j;
       ld4(p.r + o, r), ld4(p.w + o, w), ld4(p.k + o, k), ld4(p.a + o, a), ld4(p.b + o, b);
     }
-    for (int q = 0; q < 4; q++) {
-      RA[t * LDN + j + q] = r[q], RA[(L + t) * LDN + j + q] = a[q];
-      KB[t * LDN + j + q] = k[q], KB[(L + t) * LDN + j + q] = b[q];
-      LAM[t * LDN + j + q] = tt < p.T ? LOG_DECAY_SCALE / (1.f + __expf(-w[q])) : 0.f;
-    }
+    for (int q = 0; q < 4; q++) w[q] = tt < p.T ? LOG_DECAY_SCALE / (1.f + __expf(-w[q])) : 0.f;
+    st4s(RA + t * LDN + j, r), st4s(RA + (L + t) * LDN + j, a), st4s(KB + t * LDN + j, k);
+    st4s(KB + (L + t) * LDN + j, b), st4s(LAM + t * LDN + j, w);
   }
 }
 // Value-indexed chunk rows (v, dy) of this block's NV rows -> dst[t][i]; steps past T are zeros.
@@ -165,14 +166,18 @@ __device__ void load_rows(const Args& p, const bf16* x, int bb, int h, int t0, i
     const int t = e / (NV / 4), i = e % (NV / 4) * 4, tt = t0 + t;
     float f[4] = {};
     if (tt < p.T) ld4(x + idx(p, bb, tt, h) + row0 + i, f);
-    for (int q = 0; q < 4; q++) dst[t * ld + i + q] = f[q];
+    st4s(dst + t * ld + i, f);
   }
 }
 template <int NV, int NTH>
 __device__ void store_rows(const Args& p, bf16* x, int bb, int h, int t0, int row0, const float* src, int ld) {
   for (int e = threadIdx.x; e < L * NV / 4; e += NTH) {
     const int t = e / (NV / 4), i = e % (NV / 4) * 4, tt = t0 + t;
-    if (tt < p.T) st4(x + idx(p, bb, tt, h) + row0 + i, src + t * ld + i);
+    if (tt < p.T) {
+      const float4 f = *reinterpret_cast<const float4*>(src + t * ld + i);
+      const float g[4] = {f.x, f.y, f.z, f.w};
+      st4(x + idx(p, bb, tt, h) + row0 + i, g);
+    }
   }
 }
 // NV rows of an N x N fp32 state between global memory (row length N) and shared memory (row length LDN).
