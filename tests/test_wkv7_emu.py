@@ -1,0 +1,88 @@
+"""wkv7.cu's kernels run on the CPU, against the float64 loop: y, state_out and all seven gradients.
+
+tests/wkv7_emu.h stands in for CUDA (each thread a std::thread, __syncthreads a barrier, wmma tiles multiplied in
+tf32 precision), so the kernel source itself is checked on machines without a GPU, including CI: indexing, padding,
+split heads and the chunk algebra. It says nothing of speed or of GPU-only faults (shared-memory size, registers,
+alignment): tests/test_wkv7_gpu.py on a GPU covers those. Errors as there: max|x - ref| / max|ref| <= 4e-3.
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import wkv7_sequential
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+N, L, TOL = 64, 16, 4e-3
+BF16_NAN = 0x7FC0
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        pytest.fail("no C++ compiler (g++, C++20) to build tests/wkv7_emu.cpp; set CXX")
+    out = str(tmp_path_factory.mktemp("emu") / "libwkv7emu.so")
+    src = os.path.join(HERE, "..", "wkv7.cu")
+    subprocess.run([cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-w", f'-DWKV7_SRC="{src}"',
+                    os.path.join(HERE, "wkv7_emu.cpp"), "-o", out], check=True)
+    return ctypes.CDLL(out)
+
+
+def run_kernels(lib, xs, s0, dy, dsT, nv):
+    """The forward and backward kernels on the emulator; every output starts as NaN."""
+    B, T, H, _ = xs[0].shape
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    u16 = lambda x: np.ascontiguousarray(x.view(torch.int16).numpy())  # noqa: E731
+    ins = [u16(x) for x in xs]
+    y = np.full((B, T, H, N), BF16_NAN, np.int16)
+    sT, ds0 = np.full((B, H, N, N), np.nan, np.float32), np.full((B, H, N, N), np.nan, np.float32)
+    ckpt = np.full((B, H, (T + L - 1) // L + 1, N, N), np.nan, np.float32)  # (room for a final state too)
+    lib.emu_forward(B, T, H, nv, *map(ptr, ins), ptr(s0.numpy().copy()), ptr(y), ptr(sT), ptr(ckpt))
+    grads = np.full((6, B, T, H, N), BF16_NAN, np.int16)
+    gacc = np.zeros((5, B * T * H * N), np.float32)  # key-side sums when a head is split (nv < 64)
+    lib.emu_backward(B, T, H, nv, *map(ptr, ins), ptr(ckpt), ptr(u16(dy)), ptr(dsT.numpy().copy()), ptr(grads),
+                     ptr(ds0), ptr(gacc))
+    bf = lambda a: torch.from_numpy(np.ascontiguousarray(a)).view(torch.bfloat16).float()  # noqa: E731
+    gr = [bf(grads[i]) for i in range(6)]
+    if nv < N:  # as the host code does: dr, dw, dk, da, db from the fp32 sums
+        for i, j in enumerate([0, 1, 2, 4, 5]):
+            gr[j] = torch.from_numpy(gacc[i].reshape(B, T, H, N)).bfloat16().float()
+    return bf(y), torch.from_numpy(sT), gr + [torch.from_numpy(ds0)]
+
+
+@pytest.mark.parametrize("T,B,H,nv,w_range,with_state", [
+    (16, 1, 2, 64, (-8.0, 8.0), True),   # one whole chunk
+    (37, 1, 2, 64, (-8.0, 8.0), True),   # the last chunk padded
+    (3, 1, 1, 64, (-8.0, 8.0), False),   # shorter than a chunk, no initial state
+    (100, 2, 1, 32, (-8.0, 8.0), True),  # heads split over 2 blocks (key-side gradients summed)
+    (37, 1, 1, 16, (-8.0, 8.0), True),   # over 4 blocks
+    (50, 1, 1, 64, (-8.0, -7.0), True),  # decay next to 1
+    (50, 1, 1, 64, (7.0, 8.0), True),    # decay next to its floor
+])
+def test_kernels_match_float64(lib, T, B, H, nv, w_range, with_state):
+    g = torch.Generator().manual_seed(T)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    kk = F.normalize(rnd(B, T, H, N), dim=-1)
+    w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand(B, T, H, N, generator=g)
+    xs = [x.bfloat16().contiguous() for x in
+          [rnd(B, T, H, N), w, rnd(B, T, H, N), rnd(B, T, H, N), -kk, kk * torch.sigmoid(rnd(B, T, H, N))]]
+    s0 = rnd(B, H, N, N) * with_state
+    dy, dsT = rnd(B, T, H, N).bfloat16(), rnd(B, H, N, N)
+    y, sT, grads = run_kernels(lib, xs, s0, dy, dsT, nv)
+
+    xr = [x.double().requires_grad_() for x in xs]
+    sr = s0.double().requires_grad_()
+    y_ref, sT_ref = wkv7_sequential(*xr, sr)
+    torch.autograd.backward([y_ref, sT_ref], [dy.double(), dsT.double()])
+    names = ["y", "state_out"] + ["d" + n for n in "rwkvab"] + ["d state_in"]
+    errs = {}
+    for name, x, ref in zip(names, [y, sT] + grads, [y_ref, sT_ref] + [x.grad for x in xr] + [sr.grad]):
+        assert not x.isnan().any(), f"{name}: NaN (an element was not written)"
+        errs[name] = ((x.double() - ref).abs().max() / ref.abs().max()).item()
+    assert max(errs.values()) <= TOL, errs
