@@ -9,7 +9,8 @@
 // Build: model.py copies this file to wkv7_hip.hip in the extension's build folder (torch's cpp_extension sends
 // only .cu/.cuh/.hip files to the device compiler) and loads it with -D_N_=64 -DWKV7_NS=wkv7_n64 -O3 -ffast-math.
 // Device code alone, for CI without an AMD GPU: .ci/hip_check.sh (hipcc -DWKV7_NO_TORCH --offload-arch=gfx90a /
-// gfx1100 -c). Not yet run on AMD hardware: test with pytest -m gpu tests/test_wkv7_gpu.py on a ROCm machine.
+// gfx1100 -c). Not yet run on AMD hardware (pytest -m gpu tests/test_wkv7_gpu.py on a ROCm machine); its logic is
+// checked on the CPU by tests/test_wkv7_emu.py.
 
 #ifndef WKV7_EMU
 #include <hip/hip_runtime.h>

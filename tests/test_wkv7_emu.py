@@ -1,7 +1,7 @@
-"""wkv7.cu's kernels run on the CPU, against the float64 loop: y, state_out and all seven gradients.
+"""wkv7.cu's and wkv7_hip.cpp's kernels on the CPU, against the float64 loop: y, state_out and all seven gradients.
 
-tests/wkv7_emu.h stands in for CUDA (each thread a std::thread, __syncthreads a barrier, wmma tiles multiplied in
-tf32 precision), so the kernel source itself is checked on machines without a GPU, including CI: indexing, padding,
+tests/wkv7_emu.h stands in for CUDA and HIP (each thread a std::thread, __syncthreads a barrier, wmma tiles multiplied
+in tf32 precision), so the kernel source itself is checked on machines without a GPU, including CI: indexing, padding,
 split heads and the chunk algebra. It says nothing of speed or of GPU-only faults (shared-memory size, registers,
 alignment): tests/test_wkv7_gpu.py on a GPU covers those. Errors as there: max|x - ref| / max|ref| <= 4e-3.
 """
@@ -18,25 +18,31 @@ import torch.nn.functional as F
 from model import wkv7_sequential
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-N, L, TOL = 64, 16, 4e-3
+N, TOL = 64, 4e-3
 BF16_NAN = 0x7FC0
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
+@pytest.fixture(scope="module", params=["wkv7.cu", "wkv7_hip.cpp"])
+def lib(request, tmp_path_factory):
+    """The kernel file built for the CPU. wkv7_hip.cpp (8-step chunks, fp32 loops, 16 rows per backward block) has
+    no AMD GPU to run on here, so this is where its logic is checked."""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         pytest.fail("no C++ compiler (g++, C++20) to build tests/wkv7_emu.cpp; set CXX")
     out = str(tmp_path_factory.mktemp("emu") / "libwkv7emu.so")
-    src = os.path.join(HERE, "..", "wkv7.cu")
+    src = os.path.join(HERE, "..", request.param)
     subprocess.run([cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-w", f'-DWKV7_SRC="{src}"',
                     os.path.join(HERE, "wkv7_emu.cpp"), "-o", out], check=True)
-    return ctypes.CDLL(out)
+    emu = ctypes.CDLL(out)
+    emu.hip = request.param.endswith("hip.cpp")
+    return emu
 
 
 def run_kernels(lib, xs, s0, dy, dsT, nv):
-    """The forward and backward kernels on the emulator; every output starts as NaN."""
+    """The forward and backward kernels on the emulator; every output starts as NaN. The HIP backward always
+    takes 16 rows per block, as its host code does."""
     B, T, H, _ = xs[0].shape
+    L, nv_bwd = lib.emu_chunk_len(), 16 if lib.hip else nv
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     u16 = lambda x: np.ascontiguousarray(x.view(torch.int16).numpy())  # noqa: E731
     ins = [u16(x) for x in xs]
@@ -46,11 +52,11 @@ def run_kernels(lib, xs, s0, dy, dsT, nv):
     lib.emu_forward(B, T, H, nv, *map(ptr, ins), ptr(s0.numpy().copy()), ptr(y), ptr(sT), ptr(ckpt))
     grads = np.full((6, B, T, H, N), BF16_NAN, np.int16)
     gacc = np.zeros((5, B * T * H * N), np.float32)  # key-side sums when a head is split (nv < 64)
-    lib.emu_backward(B, T, H, nv, *map(ptr, ins), ptr(ckpt), ptr(u16(dy)), ptr(dsT.numpy().copy()), ptr(grads),
+    lib.emu_backward(B, T, H, nv_bwd, *map(ptr, ins), ptr(ckpt), ptr(u16(dy)), ptr(dsT.numpy().copy()), ptr(grads),
                      ptr(ds0), ptr(gacc))
     bf = lambda a: torch.from_numpy(np.ascontiguousarray(a)).view(torch.bfloat16).float()  # noqa: E731
     gr = [bf(grads[i]) for i in range(6)]
-    if nv < N:  # as the host code does: dr, dw, dk, da, db from the fp32 sums
+    if nv_bwd < N:  # as the host code does: dr, dw, dk, da, db from the fp32 sums
         for i, j in enumerate([0, 1, 2, 4, 5]):
             gr[j] = torch.from_numpy(gacc[i].reshape(B, T, H, N)).bfloat16().float()
     return bf(y), torch.from_numpy(sT), gr + [torch.from_numpy(ds0)]

@@ -1,5 +1,5 @@
-// CPU emulation of the CUDA features wkv7.cu uses, to run its kernels on a machine without a GPU (slowly): each
-// CUDA thread is a std::thread, __syncthreads a barrier, and a wmma fragment holds its whole tile in every lane.
+// CPU emulation of what wkv7.cu and wkv7_hip.cpp use of CUDA/HIP, to run their kernels without a GPU (slowly):
+// each GPU thread is a std::thread, __syncthreads a barrier, and a wmma fragment holds its whole tile in every lane.
 #pragma once
 #include <atomic>
 #include <barrier>
@@ -24,11 +24,18 @@ inline std::vector<std::barrier<>*> emu_warp_barriers;
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 inline void __syncwarp() { emu_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 inline float __expf(float x) { return std::exp(x); }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 struct alignas(16) float4 { float x, y, z, w; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 struct __nv_bfloat16 { uint16_t bits; };
-inline float __bfloat162float(__nv_bfloat16 h) { uint32_t u = (uint32_t)h.bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline float __bfloat162float(__nv_bfloat16 h) {
+  uint32_t u = (uint32_t)h.bits << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   uint32_t u; std::memcpy(&u, &f, 4);
   u += 0x7fff + ((u >> 16) & 1);  // round to nearest even (no NaN inputs here)
@@ -67,7 +74,8 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, Nn, K, float>& f
 template <class Frag> void fill_fragment(Frag& f, float v) { for (auto& e : f.x) e = v; }
 template <int M, int Nn, int K, class LA, class LB>
 void mma_sync(fragment<accumulator, M, Nn, K, float>& d, const fragment<matrix_a, M, Nn, K, precision::tf32, LA>& a,
-              const fragment<matrix_b, M, Nn, K, precision::tf32, LB>& b, const fragment<accumulator, M, Nn, K, float>& c) {
+              const fragment<matrix_b, M, Nn, K, precision::tf32, LB>& b,
+              const fragment<accumulator, M, Nn, K, float>& c) {
   float out[M * Nn];
   for (int i = 0; i < M; i++)
     for (int j = 0; j < Nn; j++) {
