@@ -30,16 +30,10 @@ inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fe
 struct alignas(16) float4 { float x, y, z, w; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 struct __nv_bfloat16 { uint16_t bits; };
-inline float __bfloat162float(__nv_bfloat16 h) {
-  uint32_t u = (uint32_t)h.bits << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t u; std::memcpy(&u, &f, 4);
-  u += 0x7fff + ((u >> 16) & 1);  // round to nearest even (no NaN inputs here)
-  return __nv_bfloat16{(uint16_t)(u >> 16)};
+inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float((unsigned)h.bits << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {  // round to nearest even (no NaN inputs here)
+  const unsigned u = __float_as_uint(f);
+  return __nv_bfloat16{(uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16)};
 }
 namespace nvcuda { namespace wmma {
 struct row_major {}; struct col_major {}; struct matrix_a {}; struct matrix_b {}; struct accumulator {};
@@ -52,7 +46,7 @@ template <class Use, int M, int Nn, int K, class T, class Layout = void> struct 
   float x[num_elements];
 };
 inline float __float_to_tf32(float f) {  // round to nearest (ties away) to 10 mantissa bits
-  uint32_t u; std::memcpy(&u, &f, 4); u = (u + 0x1000u) & 0xffffe000u; std::memcpy(&f, &u, 4); return f;
+  return __uint_as_float((__float_as_uint(f) + 0x1000u) & 0xffffe000u);
 }
 template <class Use, int M, int Nn, int K, class T, class Layout>
 void load_matrix_sync(fragment<Use, M, Nn, K, T, Layout>& f, const float* p, unsigned ld) {
