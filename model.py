@@ -216,11 +216,15 @@ class _WKV7Kernel(torch.autograd.Function):
         return (*grads, ds0)
 
 
+def kernel_has_head_size(N):
+    return N == 64 or not torch.version.hip  # wkv7.cu: any multiple of 16 up to 128; wkv7_hip.cpp: 64 only
+
+
 def wkv7_kernel(r, w, k, v, a, b, state=None):
     """wkv7() on the GPU kernels (wkv7.cu on CUDA, wkv7_hip.cpp on ROCm): inputs go in as bf16, y comes back in
     r's dtype, the state is fp32. Differentiable in all seven inputs."""
     B, T, H, N = r.shape
-    if torch.version.hip and N != 64:
+    if not kernel_has_head_size(N):
         raise ValueError(f"the ROCm kernel (wkv7_hip.cpp) has head size 64 only, not {N}: use wkv_impl='torch'")
     if N not in _WKV7_OPS:
         _WKV7_OPS[N] = _wkv7_build(N)
@@ -244,7 +248,7 @@ def wkv7(r, w, k, v, a, b, state=None, impl="auto", part_len=0):
             y, state = wkv7(*(x[:, t:t + part_len] for x in (r, w, k, v, a, b)), state, impl)
             ys.append(y)
         return torch.cat(ys, dim=1), state
-    if impl == "kernel" or (impl == "auto" and r.is_cuda and (r.shape[-1] == 64 or not torch.version.hip)):
+    if impl == "kernel" or (impl == "auto" and r.is_cuda and kernel_has_head_size(r.shape[-1])):
         return wkv7_kernel(r, w, k, v, a, b, state)
     if r.shape[1] == 1:  # one-token decoding step
         y, state = wkv7_sequential(r, w, k, v, a, b, state)

@@ -13,9 +13,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from model import wkv7_sequential
+from helpers import rel_err, wkv7_inputs, wkv7_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N, TOL = 64, 4e-3
@@ -72,23 +71,15 @@ def run_kernels(lib, xs, s0, dy, dsT, nv):
     (50, 1, 1, 64, (7.0, 8.0), True),    # decay next to its floor
 ])
 def test_kernels_match_float64(lib, T, B, H, nv, w_range, with_state):
-    g = torch.Generator().manual_seed(T)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    kk = F.normalize(rnd(B, T, H, N), dim=-1)
-    w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand(B, T, H, N, generator=g)
-    xs = [x.bfloat16().contiguous() for x in
-          [rnd(B, T, H, N), w, rnd(B, T, H, N), rnd(B, T, H, N), -kk, kk * torch.sigmoid(rnd(B, T, H, N))]]
-    s0 = rnd(B, H, N, N) * with_state
-    dy, dsT = rnd(B, T, H, N).bfloat16(), rnd(B, H, N, N)
+    xs, s0 = wkv7_inputs(B, T, H, N, w_range, seed=T)
+    s0 = s0 * with_state
+    g = torch.Generator().manual_seed(T + 1)
+    dy, dsT = torch.randn(B, T, H, N, generator=g).bfloat16(), torch.randn(B, H, N, N, generator=g)
     y, sT, grads = run_kernels(lib, xs, s0, dy, dsT, nv)
-
-    xr = [x.double().requires_grad_() for x in xs]
-    sr = s0.double().requires_grad_()
-    y_ref, sT_ref = wkv7_sequential(*xr, sr)
-    torch.autograd.backward([y_ref, sT_ref], [dy.double(), dsT.double()])
+    y_ref, sT_ref, grads_ref = wkv7_reference(xs, s0, dy, dsT)
     names = ["y", "state_out"] + ["d" + n for n in "rwkvab"] + ["d state_in"]
     errs = {}
-    for name, x, ref in zip(names, [y, sT] + grads, [y_ref, sT_ref] + [x.grad for x in xr] + [sr.grad]):
+    for name, x, ref in zip(names, [y, sT] + grads, [y_ref, sT_ref] + grads_ref):
         assert not x.isnan().any(), f"{name}: NaN (an element was not written)"
-        errs[name] = ((x.double() - ref).abs().max() / ref.abs().max()).item()
+        errs[name] = rel_err(x, ref)
     assert max(errs.values()) <= TOL, errs

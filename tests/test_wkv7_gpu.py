@@ -5,9 +5,9 @@ test. Errors are max|x - ref| / max|ref|; bf16 outputs carry up to 2^-8 of round
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model
+from helpers import rel_err, wkv7_inputs, wkv7_reference
 from model import wkv7_kernel, wkv7_sequential
 
 pytestmark = [pytest.mark.gpu,
@@ -15,27 +15,8 @@ pytestmark = [pytest.mark.gpu,
 TOL = 4e-3
 
 
-def rel_err(x, ref):
-    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
 def inputs(B, T, H, N=64, w_range=(-8.0, 8.0), seed=0):
-    """bf16 r, w, k, v, a, b as the model makes them (a = -kk, b = kk * a_gate, kk unit-norm), fp32 state."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
-    kk = F.normalize(rnd(B, T, H, N), dim=-1)
-    w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand(B, T, H, N, generator=g, device="cuda")
-    xs = [rnd(B, T, H, N), w, rnd(B, T, H, N), rnd(B, T, H, N), -kk, kk * torch.sigmoid(rnd(B, T, H, N))]
-    return [x.bfloat16() for x in xs], rnd(B, H, N, N)
-
-
-def reference(xs, s0, dy, dsT):
-    """y, state_out and the gradients of sum(y*dy) + sum(state_out*dsT), by autograd through the float64 loop."""
-    xr = [x.double().requires_grad_() for x in xs]
-    sr = s0.double().requires_grad_()
-    y, sT = wkv7_sequential(*xr, sr)
-    torch.autograd.backward([y, sT], [dy.double(), dsT.double()])
-    return y, sT, [x.grad for x in xr] + [sr.grad]
+    return wkv7_inputs(B, T, H, N, w_range, seed, device="cuda")
 
 
 def ops(N=64):
@@ -65,7 +46,7 @@ def check(B, T, H, with_state=True, w_range=(-8.0, 8.0), rows_per_block=0, seed=
     dy = torch.randn(B, T, H, N, generator=g, device="cuda").bfloat16()
     dsT = torch.randn(B, H, N, N, generator=g, device="cuda")
     y, sT, grads = run_ops(xs, s0, dy, dsT, rows_per_block)
-    y_ref, sT_ref, grads_ref = reference(xs, s0, dy, dsT)
+    y_ref, sT_ref, grads_ref = wkv7_reference(xs, s0, dy, dsT)
     names = ["y", "state_out"] + ["d" + n for n in "rwkvab"] + ["d state_in"]
     errs = {}
     for name, x, ref in zip(names, [y, sT] + grads, [y_ref, sT_ref] + grads_ref):
@@ -115,7 +96,8 @@ def test_autograd_function():
     y, sT = wkv7_kernel(*xs, s0)
     assert y.dtype == torch.float32 and sT.dtype == torch.float32
     (y.sum() + (sT * dsT).sum()).backward()
-    y_ref, sT_ref, grads_ref = reference([x.detach().bfloat16() for x in xs], s0.detach(), torch.ones_like(y), dsT)
+    y_ref, sT_ref, grads_ref = wkv7_reference([x.detach().bfloat16() for x in xs], s0.detach(), torch.ones_like(y),
+                                              dsT)
     errs = [rel_err(y, y_ref), rel_err(sT, sT_ref)] + [rel_err(x.grad, r) for x, r in zip(xs + [s0], grads_ref)]
     assert max(errs) <= TOL, errs
     for use_y in (True, False):  # y alone (d state_out is None), then state_out alone (dy is None); no state_in
