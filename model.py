@@ -199,7 +199,7 @@ class _WKV7Kernel(torch.autograd.Function):
         B, T, H, N = r.shape
         y, sT = torch.empty_like(r), torch.empty_like(s0)
         L = _WKV7_OPS[N][2]
-        ckpt = s0.new_empty(B, H, (T + L - 1) // L, N, N)
+        ckpt = s0.new_empty(B, H, (T + L - 1) // L + 1, N, N)  # each chunk's start state, then the final one
         _WKV7_OPS[N][0](r, w, k, v, a, b, s0, y, sT, ckpt, WKV7_ROWS_PER_BLOCK)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt)
         return y, sT

@@ -15,16 +15,19 @@
 //   S_L = S0 diag(G_L) + V^T K_ + U^T B_.
 // All products run on the tensor cores (wmma, tf32; the small chunk-sized ones in split tf32 = 3 passes, which
 // is about fp32). Only (I - M_ab)^-1 is solved by substitution (16 threads). The forward stores S0 of every
-// chunk (fp32, B*H*ceil(T/16)*N*N*4 bytes) for the backward, which walks the chunks in reverse with dS:
-//   dU = M_rb^T dY + B_ dS^T,  dX = (I - M_ab)^-T dU,  D = mask([dY; dX] [V; U]^T),
-//   d[R; A] = [dY; dX] S0 + D [K^; B^],  d[K^; B^] = D^T [R; A],  d[K_; B_] = [V; U] dS,
-//   dV = M_rk^T dY + M_ak^T dX + K_ dS^T,  dS0 = dS diag(G_L) + [dY; dX]^T [R; A],
+// chunk and the final state (fp32, B*H*(ceil(T/16)+1)*N*N*4 bytes) for the backward, which walks the chunks in
+// reverse with dS. Since K_ = K^ diag(G_L), it works with dS' = dS diag(G_L) and never forms K_, B_:
+//   dU = M_rb^T dY + B^ dS'^T,  dX = (I - M_ab)^-T dU,  D = mask([dY; dX] [V; U]^T),
+//   d[R; A] = [dY; dX] S0 + D [K^; B^],  d[K^; B^] = D^T [R; A] + [V; U] dS'  (the second term is the K_, B_ path),
+//   dV = M_rk^T dY + M_ak^T dX + K^ dS'^T,  dS0 = dS' + [dY; dX]^T [R; A],
 // then the chain rule through the G factors gives dr, da, dk, db and d lambda (a reverse cumulative sum in the
-// chunk), and dw = d lambda * lambda * (1 - lambda / LOG_DECAY_SCALE).
+// chunk), and dw = d lambda * lambda * (1 - lambda / LOG_DECAY_SCALE). Every d lambda of a chunk also gets
+// d log G_L = column sums of dS * S_L (S_L = the chunk's end state: the next saved one), since S_L is linear in G_L.
 //
 // Launch: one block of 256 threads per (b, h, group of NV value rows); rows of the state are independent, so
 // a head splits into N / NV blocks when B*H is small (the key-side gradients of those blocks are then summed
-// with fp32 atomics in a scratch buffer). Shared memory: 70 KB forward (3 blocks/SM), 151 KB backward (NV = 64).
+// with fp32 atomics in a scratch buffer). Shared memory: 70 KB forward (3 blocks/SM), 113 KB backward (NV = 64:
+// 2 blocks/SM on sm_90, which is why the backward keeps no K_, B_, lambda or second dS).
 // Flags (model.py passes them): -D_N_=64 -DWKV7_NS=wkv7_n64 --use_fast_math -O3. Tuning macros (WKV7_CFLAGS):
 // WKV7_TF32X=3 (state-sized products in split tf32 too), WKV7_TF32X_SMALL=1 (chunk-sized ones in plain tf32:
 // ~10% faster, errors closer to the 4e-3 test bound), WKV7_BWD_THREADS, WKV7_FWD_MINB, WKV7_UNROLL. sm_80+.
@@ -51,6 +54,9 @@
 #ifndef WKV7_FWD_MINB
 #define WKV7_FWD_MINB 3
 #endif
+#ifndef WKV7_BWD_MINB
+#define WKV7_BWD_MINB 2  // two blocks per SM: 113 KB of shared memory and at most 128 registers each
+#endif
 #ifndef WKV7_BWD_THREADS
 #define WKV7_BWD_THREADS 256
 #endif
@@ -71,6 +77,9 @@ struct Args {
 __device__ __forceinline__ size_t idx(const Args& p, int bb, int t, int h) { return (((size_t)bb * p.T + t) * p.H + h) * N; }
 
 struct __align__(8) bf16x4 { bf16 x[4]; };
+// 4 floats to shared memory in one 16-byte store (4 scalar stores from a warp's 32 threads would be a 4-way bank
+// conflict: their addresses are 16 bytes apart)
+__device__ __forceinline__ void st4s(float* p, const float* o) { *reinterpret_cast<float4*>(p) = make_float4(o[0], o[1], o[2], o[3]); }
 __device__ __forceinline__ void ld4(const bf16* p, float* o) {
   bf16x4 u = *reinterpret_cast<const bf16x4*>(p);
   for (int q = 0; q < 4; q++) o[q] = __bfloat162float(u.x[q]);
@@ -145,11 +154,9 @@ __device__ void load_keys(const Args& p, int bb, int h, int t0, float* RA, float
       const size_t o = idx(p, bb, tt, h) + j;
       ld4(p.r + o, r), ld4(p.w + o, w), ld4(p.k + o, k), ld4(p.a + o, a), ld4(p.b + o, b);
     }
-    for (int q = 0; q < 4; q++) {
-      RA[t * LDN + j + q] = r[q], RA[(L + t) * LDN + j + q] = a[q];
-      KB[t * LDN + j + q] = k[q], KB[(L + t) * LDN + j + q] = b[q];
-      LAM[t * LDN + j + q] = tt < p.T ? LOG_DECAY_SCALE / (1.f + __expf(-w[q])) : 0.f;
-    }
+    for (int q = 0; q < 4; q++) w[q] = tt < p.T ? LOG_DECAY_SCALE / (1.f + __expf(-w[q])) : 0.f;
+    st4s(RA + t * LDN + j, r), st4s(RA + (L + t) * LDN + j, a), st4s(KB + t * LDN + j, k);
+    st4s(KB + (L + t) * LDN + j, b), st4s(LAM + t * LDN + j, w);
   }
 }
 // Value-indexed chunk rows (v, dy) of this block's NV rows -> dst[t][i]; steps past T are zeros.
@@ -159,14 +166,18 @@ __device__ void load_rows(const Args& p, const bf16* x, int bb, int h, int t0, i
     const int t = e / (NV / 4), i = e % (NV / 4) * 4, tt = t0 + t;
     float f[4] = {};
     if (tt < p.T) ld4(x + idx(p, bb, tt, h) + row0 + i, f);
-    for (int q = 0; q < 4; q++) dst[t * ld + i + q] = f[q];
+    st4s(dst + t * ld + i, f);
   }
 }
 template <int NV, int NTH>
 __device__ void store_rows(const Args& p, bf16* x, int bb, int h, int t0, int row0, const float* src, int ld) {
   for (int e = threadIdx.x; e < L * NV / 4; e += NTH) {
     const int t = e / (NV / 4), i = e % (NV / 4) * 4, tt = t0 + t;
-    if (tt < p.T) st4(x + idx(p, bb, tt, h) + row0 + i, src + t * ld + i);
+    if (tt < p.T) {
+      const float4 f = *reinterpret_cast<const float4*>(src + t * ld + i);
+      const float g[4] = {f.x, f.y, f.z, f.w};
+      st4(x + idx(p, bb, tt, h) + row0 + i, g);
+    }
   }
 }
 // NV rows of an N x N fp32 state between global memory (row length N) and shared memory (row length LDN).
@@ -241,7 +252,7 @@ __global__ void __launch_bounds__(NT, WKV7_FWD_MINB) wkv7_forward(Args p, const 
     const int t0 = c * L;
     __syncthreads();
     if (c) store_rows<NV, NTH>(p, y, bb, h, t0 - L, row0, YX, LDV);
-    copy_state<NV, false, NTH>(S, ckpt + ((size_t)bh * nC + c) * N * N + row0 * N);
+    copy_state<NV, false, NTH>(S, ckpt + ((size_t)bh * (nC + 1) + c) * N * N + row0 * N);
     load_keys<NTH>(p, bb, h, t0, RA, KB, LG);
     load_rows<NV, NTH>(p, p.v, bb, h, t0, row0, VU, LDV);
     __syncthreads();
@@ -262,14 +273,14 @@ __global__ void __launch_bounds__(NT, WKV7_FWD_MINB) wkv7_forward(Args p, const 
   __syncthreads();
   if (nC) store_rows<NV, NTH>(p, y, bb, h, (nC - 1) * L, row0, YX, LDV);
   copy_state<NV, false, NTH>(S, sT + rows);
+  copy_state<NV, false, NTH>(S, ckpt + ((size_t)bh * (nC + 1) + nC) * N * N + row0 * N);  // the backward's last S_end
 }
 
 template <int NV>
-struct BwdSmem {
-  static constexpr int LDV = NV + 4, RA = 0, KB = RA + 2 * L * LDN, KBb = KB + 2 * L * LDN, dRA = KBb + 2 * L * LDN,
-                       dKB = dRA + 2 * L * LDN, dKBb = dKB + 2 * L * LDN, LAM = dKBb + 2 * L * LDN, LG = LAM + L * LDN,
-                       GL = LG + L * LDN, DGL = GL + N, S0 = DGL + N, dS = S0 + NV * LDN, dS2 = dS + NV * LDN,
-                       VU = dS2 + NV * LDN, dYX = VU + 2 * L * LDV, dVU = dYX + 2 * L * LDV, X = dVU + 2 * L * LDV,
+struct BwdSmem {  // 113 KB at NV = 64 (two blocks per SM on sm_90)
+  static constexpr int LDV = NV + 4, RA = 0, KB = RA + 2 * L * LDN, dRA = KB + 2 * L * LDN, dKB = dRA + 2 * L * LDN,
+                       LG = dKB + 2 * L * LDN, GL = LG + L * LDN, DGL = GL + N, S0 = DGL + N, dS = S0 + NV * LDN,
+                       VU = dS + NV * LDN, dYX = VU + 2 * L * LDV, dVU = dYX + 2 * L * LDV, X = dVU + 2 * L * LDV,
                        M = X + L * LDV, D = M + 2 * L * LD2, TI = D + 2 * L * LD2, SIZE = TI + L * LDL;
 };
 
@@ -280,38 +291,61 @@ __device__ __forceinline__ void put(bf16* out, float* acc, size_t o, float x) {
   else atomicAdd(acc + o, x);
 }
 
+// Column sums of this block's rows of dS * S (d log G_L of a chunk, with S its end state and dS the gradient there).
 template <int NV>
-__global__ void __launch_bounds__(NT_BWD)
+__device__ void dgl_sums(const float* dS, const float* S, float* DGL) {
+  if (threadIdx.x < N) {
+    float acc = 0.f;
+    for (int i = 0; i < NV; i++) acc += S[i * LDN + threadIdx.x] * dS[i * LDN + threadIdx.x];
+    DGL[threadIdx.x] = acc;
+  }
+}
+
+template <int NV>
+__global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
     wkv7_backward(Args p, const float* ckpt, const bf16* dy, const float* dsT, bf16* dr, bf16* dw, bf16* dk, bf16* dv,
                   bf16* da, bf16* db, float* ds0, float* gacc) {
   using F = BwdSmem<NV>;
   constexpr int LDV = F::LDV, G = N / NV, NTH = NT_BWD, NW = NT_BWD / 32;
   extern __shared__ __align__(128) float smem[];
-  float *RA = smem + F::RA, *KB = smem + F::KB, *KBb = smem + F::KBb, *dRA = smem + F::dRA, *dKB = smem + F::dKB,
-        *dKBb = smem + F::dKBb, *LAM = smem + F::LAM, *LG = smem + F::LG, *GL = smem + F::GL, *DGL = smem + F::DGL,
-        *S0 = smem + F::S0, *dS = smem + F::dS, *dS2 = smem + F::dS2, *VU = smem + F::VU, *dYX = smem + F::dYX,
-        *dVU = smem + F::dVU, *X = smem + F::X, *M = smem + F::M, *D = smem + F::D, *TI = smem + F::TI;
+  float *RA = smem + F::RA, *KB = smem + F::KB, *dRA = smem + F::dRA, *dKB = smem + F::dKB, *LG = smem + F::LG,
+        *GL = smem + F::GL, *DGL = smem + F::DGL, *S0 = smem + F::S0, *dS = smem + F::dS, *VU = smem + F::VU,
+        *dYX = smem + F::dYX, *dVU = smem + F::dVU, *X = smem + F::X, *M = smem + F::M, *D = smem + F::D,
+        *TI = smem + F::TI;
   const int bh = blockIdx.x / G, h = bh % p.H, bb = bh / p.H, row0 = blockIdx.x % G * NV, nC = (p.T + L - 1) / L;
   const size_t rows = ((size_t)bh * N + row0) * N, BTHN = (size_t)gridDim.x / G * p.T * N;
+  const float* ck = ckpt + (size_t)bh * (nC + 1) * N * N + row0 * N;  // this block's rows of chunk c's S0: ck + c N^2
   copy_state<NV, true, NTH>(dS, const_cast<float*>(dsT) + rows);
+  copy_state<NV, true, NTH>(S0, const_cast<float*>(ck) + (size_t)nC * N * N);  // the last chunk's end state
+  __syncthreads();
+  dgl_sums<NV>(dS, S0, DGL);
   for (int c = nC - 1; c >= 0; c--) {
     const int t0 = c * L;
     __syncthreads();
-    load_keys<NTH>(p, bb, h, t0, RA, KB, LAM);
+    load_keys<NTH>(p, bb, h, t0, RA, KB, LG);  // LG: lambda for now
     load_rows<NV, NTH>(p, p.v, bb, h, t0, row0, VU, LDV);
     load_rows<NV, NTH>(p, dy, bb, h, t0, row0, dYX, LDV);
-    copy_state<NV, true, NTH>(S0, const_cast<float*>(ckpt) + ((size_t)bh * nC + c) * N * N + row0 * N);
+    copy_state<NV, true, NTH>(S0, const_cast<float*>(ck) + (size_t)c * N * N);
     __syncthreads();
-    decay_factors<NTH>(LAM, RA, KB, KBb, GL, LG);
-    if (threadIdx.x < N) {  // d G_L (this block's rows) = sum_i S0[i,j] dS[i,j]
-      float acc = 0.f;
-      for (int i = 0; i < NV; i++) acc += S0[i * LDN + threadIdx.x] * dS[i * LDN + threadIdx.x];
-      DGL[threadIdx.x] = acc;
+    if (threadIdx.x < N) {  // g_t = cumulative lambda, in place; G_L
+      float g = 0.f;
+      for (int t = 0; t < L; t++) g += LG[t * LDN + threadIdx.x], LG[t * LDN + threadIdx.x] = g;
+      GL[threadIdx.x] = __expf(g);
     }
     __syncthreads();
+    for (int e = threadIdx.x; e < L * N; e += NTH) {  // R = r G_t, A = a G_{t-1}, K^ = k / G_t, B^ = b / G_t
+      const int t = e / N, j = e % N;
+      const float g = LG[t * LDN + j], inv = __expf(-g);
+      RA[t * LDN + j] *= __expf(g), RA[(L + t) * LDN + j] *= t ? __expf(LG[(t - 1) * LDN + j]) : 1.f;
+      KB[t * LDN + j] *= inv, KB[(L + t) * LDN + j] *= inv;
+    }
+    for (int e = threadIdx.x; e < NV * N; e += NTH) dS[e / N * LDN + e % N] *= GL[e % N];  // dS diag(G_L) from here on
+    __syncthreads();
+    // with K_ = K^ diag(G_L): [K_; B_] dS^T = [K^; B^] (dS diag(G_L))^T, and the K_ gradient lands in dKB already
+    // scaled by G_L, which is what the chain rule below needs
     mm<NW, false, true, PS, true, 2 * L, 2 * L, N, LDN, LDN, LD2>(M, RA, KB, false);  // M
     mm<NW, false, true, PB, false, L, NV, N, LDN, LDN, LDV>(X, RA + L * LDN, S0, false);    // X = A S0^T
-    mm<NW, false, true, PB, false, 2 * L, NV, N, LDN, LDN, LDV>(dVU, KBb, dS, false);        // [dV; dU] = [K_; B_] dS^T
+    mm<NW, false, true, PB, false, 2 * L, NV, N, LDN, LDN, LDV>(dVU, KB, dS, false);         // [dV; dU] = [K_; B_] dS^T
     __syncthreads();
     invert(M, TI);
     mm<NW, false, false, PS, false, L, NV, L, LD2, LDV, LDV>(X, M + L * LD2, VU, true);             // X += M_ak V
@@ -321,48 +355,46 @@ __global__ void __launch_bounds__(NT_BWD)
     mm<NW, true, false, PS, false, L, NV, L, LDL, LDV, LDV>(dYX + L * LDV, TI, dVU + L * LDV, false);  // dX = (I - M_ab)^-T dU
     __syncthreads();
     mm<NW, false, true, PS, true, 2 * L, 2 * L, NV, LDV, LDV, LD2>(D, dYX, VU, false);  // D = mask([dY; dX] [V; U]^T)
-    mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dKBb, VU, dS, false);        // d[K_; B_] = [V; U] dS
-    mm<NW, true, false, PB, false, NV, N, 2 * L, LDV, LDN, LDN>(dS2, dYX, RA, false);         // dS0 = [dY; dX]^T [R; A] ...
+    mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dKB, VU, dS, false);         // d[K^; B^] = [V; U] dS G_L ...
     mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dRA, dYX, S0, false);        // d[R; A] = [dY; dX] S0 ...
     mm<NW, true, false, PS, false, L, NV, 2 * L, LD2, LDV, LDV>(dVU, M, dYX, true);            // dV += [M_rk; M_ak]^T [dY; dX]
     __syncthreads();
     mm<NW, false, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dRA, D, KB, true);  // ... + D [K^; B^]
-    mm<NW, true, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dKB, D, RA, false);  // d[K^; B^] = D^T [R; A]
-    for (int e = threadIdx.x; e < NV * N; e += NTH) dS2[e / N * LDN + e % N] += dS[e / N * LDN + e % N] * GL[e % N];
+    mm<NW, true, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dKB, D, RA, true);   // ... + D^T [R; A]
+    mm<NW, true, false, PB, false, NV, N, 2 * L, LDV, LDN, LDN>(dS, dYX, RA, true);     // dS0 = dS G_L + [dY; dX]^T [R; A]
     store_rows<NV, NTH>(p, dv, bb, h, t0, row0, dVU, LDV);
     __syncthreads();
     for (int e = threadIdx.x; e < L * N; e += NTH) {  // chain rule through the G factors
       const int t = e / N, j = e % N, tt = t0 + t;
-      const float g = LG[t * LDN + j], gp = t ? LG[(t - 1) * LDN + j] : 0.f, gl = LG[(L - 1) * LDN + j];
+      const float g = LG[t * LDN + j], gp = t ? LG[(t - 1) * LDN + j] : 0.f;
       const int r_ = t * LDN + j, a_ = (L + t) * LDN + j;  // rows of r, k (first half) and a, b (second half)
-      const float dR = dRA[r_], dA = dRA[a_], dK = dKB[r_], dB = dKB[a_], dK_ = dKBb[r_], dB_ = dKBb[a_];
-      const float inv = __expf(-g), to_end = __expf(gl - g);
+      const float dR = dRA[r_], dA = dRA[a_], dK = dKB[r_], dB = dKB[a_], inv = __expf(-g);
       if (tt < p.T) {
         const size_t o = idx(p, bb, tt, h) + j;
         put<G>(dr, gacc, o, dR * __expf(g));
-        put<G>(dk, gacc + 2 * BTHN, o, dK * inv + dK_ * to_end);
+        put<G>(dk, gacc + 2 * BTHN, o, dK * inv);
         put<G>(da, gacc + 3 * BTHN, o, dA * __expf(gp));
-        put<G>(db, gacc + 4 * BTHN, o, dB * inv + dB_ * to_end);
+        put<G>(db, gacc + 4 * BTHN, o, dB * inv);
       }
-      // d g_t terms: e_t at t, f_t at t-1, and those of G_L (added to every step of the chunk)
-      dRA[r_] = dR * RA[r_] - dK * KB[r_] - dB * KB[a_] - dK_ * KBb[r_] - dB_ * KBb[a_];
+      dRA[r_] = dR * RA[r_] - dK * KB[r_] - dB * KB[a_];  // d g_t terms: e_t at t, f_t at t-1
       dRA[a_] = dA * RA[a_];
-      dKBb[r_] = dK_ * KBb[r_] + dB_ * KBb[a_];
     }
     __syncthreads();
-    if (threadIdx.x < N) {  // d lambda_s = sum_{t >= s} d g_t; dw = d lambda * d lambda / dw
+    if (threadIdx.x < N) {  // d lambda_s = sum_{t >= s} d g_t (+ d log G_L for all s); dw = d lambda * d lambda / dw
       const int j = threadIdx.x;
-      float acc = DGL[j] * GL[j], f = 0.f;
-      for (int t = 0; t < L; t++) acc += dKBb[t * LDN + j];
+      float acc = DGL[j], f = 0.f;
       for (int t = L - 1; t >= 0; t--) {
         acc += dRA[t * LDN + j];
-        const float dl = acc + f, lam = LAM[t * LDN + j];
+        const float dl = acc + f;
         f += dRA[(L + t) * LDN + j];
-        if (t0 + t < p.T) put<G>(dw, gacc + BTHN, idx(p, bb, t0 + t, h) + j, dl * lam * (1.f - lam / LOG_DECAY_SCALE));
+        if (t0 + t < p.T) {
+          const float lam = LOG_DECAY_SCALE / (1.f + __expf(-__bfloat162float(p.w[idx(p, bb, t0 + t, h) + j])));
+          put<G>(dw, gacc + BTHN, idx(p, bb, t0 + t, h) + j, dl * lam * (1.f - lam / LOG_DECAY_SCALE));
+        }
       }
     }
-    float* tmp = dS;
-    dS = dS2, dS2 = tmp;
+    __syncthreads();
+    dgl_sums<NV>(dS, S0, DGL);  // for chunk c - 1, whose end state is this chunk's S0
   }
   __syncthreads();
   copy_state<NV, false, NTH>(dS, ds0 + rows);
@@ -425,7 +457,7 @@ void forward(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v,
              const Tensor& s0, Tensor& y, Tensor& sT, Tensor& ckpt, int64_t nv) {
   const Args p = check(r, w, k, v, a, b);
   const int64_t heads = r.size(0) * r.size(2);
-  TORCH_CHECK(ckpt.numel() == heads * ((p.T + L - 1) / L) * N * N && s0.numel() == heads * N * N, "wkv7: sizes");
+  TORCH_CHECK(ckpt.numel() == heads * ((p.T + L - 1) / L + 1) * N * N && s0.numel() == heads * N * N, "wkv7: sizes");
   auto run = [&](auto nv_) {
     constexpr int NV = decltype(nv_)::value;
     const size_t smem = FwdSmem<NV>::SIZE * sizeof(float);
@@ -468,7 +500,7 @@ void backward(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v
 }  // namespace wkv7
 
 WKV7_LIBRARY(WKV7_NS, m) {
-  m.def("chunk_len() -> int", []() -> int64_t { return wkv7::L; });  // steps per saved state (sizes ckpt)
+  m.def("chunk_len() -> int", []() -> int64_t { return wkv7::L; });  // ckpt: ceil(T / L) + 1 states per head
   m.def("forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, "
         "Tensor(a!) y, Tensor(b!) sT, Tensor(c!) ckpt, int nv) -> ()");
   m.def("backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor ckpt, Tensor dy, Tensor dsT, "

@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(NT) wkv7_forward(Args p, const float* s0, bf16
     const int t0 = c * L;
     __syncthreads();
     if (c) store_rows<NV, NTH>(p, y, bb, h, t0 - L, row0, YX, LDV);
-    copy_state<NV, false, NTH>(S, ckpt + ((size_t)bh * nC + c) * N * N + row0 * N);
+    copy_state<NV, false, NTH>(S, ckpt + ((size_t)bh * (nC + 1) + c) * N * N + row0 * N);
     load_keys<NTH>(p, bb, h, t0, RA, KB, LG);
     load_rows<NV, NTH>(p, p.v, bb, h, t0, row0, VU, LDV);
     __syncthreads();
@@ -193,6 +193,7 @@ __global__ void __launch_bounds__(NT) wkv7_forward(Args p, const float* s0, bf16
   __syncthreads();
   if (nC) store_rows<NV, NTH>(p, y, bb, h, (nC - 1) * L, row0, YX, LDV);
   copy_state<NV, false, NTH>(S, sT + rows);
+  copy_state<NV, false, NTH>(S, ckpt + ((size_t)bh * (nC + 1) + nC) * N * N + row0 * N);  // same layout as wkv7.cu
 }
 
 template <int NV>
@@ -231,7 +232,7 @@ __global__ void __launch_bounds__(NT_BWD)
     load_keys<NTH>(p, bb, h, t0, RA, KB, LAM);
     load_rows<NV, NTH>(p, p.v, bb, h, t0, row0, VU, LDV);
     load_rows<NV, NTH>(p, dy, bb, h, t0, row0, dYX, LDV);
-    copy_state<NV, true, NTH>(S0, const_cast<float*>(ckpt) + ((size_t)bh * nC + c) * N * N + row0 * N);
+    copy_state<NV, true, NTH>(S0, const_cast<float*>(ckpt) + ((size_t)bh * (nC + 1) + c) * N * N + row0 * N);
     __syncthreads();
     decay_factors<NTH>(LAM, RA, KB, KBb, GL, LG);
     if (threadIdx.x < N) {  // d G_L (this block's rows) = sum_i S0[i,j] dS[i,j]
@@ -355,7 +356,7 @@ void forward(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v,
              const Tensor& s0, Tensor& y, Tensor& sT, Tensor& ckpt, int64_t nv) {
   const Args p = check(r, w, k, v, a, b);
   const int64_t heads = r.size(0) * r.size(2);
-  TORCH_CHECK(ckpt.numel() == heads * ((p.T + L - 1) / L) * N * N && s0.numel() == heads * N * N, "wkv7: sizes");
+  TORCH_CHECK(ckpt.numel() == heads * ((p.T + L - 1) / L + 1) * N * N && s0.numel() == heads * N * N, "wkv7: sizes");
   auto run = [&](auto nv_) {
     constexpr int NV = decltype(nv_)::value;
     const size_t smem = FwdSmem<NV>::SIZE * sizeof(float);

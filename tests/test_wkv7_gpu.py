@@ -30,7 +30,7 @@ def run_ops(xs, s0, dy, dsT, rows_per_block=0):
     B, T, H, N = xs[0].shape
     nan = lambda *s, dtype=torch.float32: torch.full(s, float("nan"), device="cuda", dtype=dtype)  # noqa: E731
     fwd, bwd, L = ops(N)
-    y, sT, ckpt = nan(B, T, H, N, dtype=torch.bfloat16), nan(B, H, N, N), nan(B, H, (T + L - 1) // L, N, N)
+    y, sT, ckpt = nan(B, T, H, N, dtype=torch.bfloat16), nan(B, H, N, N), nan(B, H, (T + L - 1) // L + 1, N, N)
     fwd(*xs, s0, y, sT, ckpt, rows_per_block)
     grads = [nan(B, T, H, N, dtype=torch.bfloat16) for _ in range(6)] + [nan(B, H, N, N)]
     bwd(*xs, ckpt, dy.bfloat16(), dsT, *grads, rows_per_block)
