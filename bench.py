@@ -4,6 +4,7 @@ Speed of the WKV7 implementations, measured by a script rather than by tests.
     python bench.py                 # the GPU table on a CUDA machine, the CPU comparison otherwise
     python bench.py --device=cpu    # chunked PyTorch WKV vs the sequential loop at B=2, T=1024, C=256
     python bench.py --distill       # a distillation step of a SmolLM2-shaped hybrid vs the teacher's training step
+    python bench.py --pretrain      # an L12-D768 pretraining step, ctx 512, batch 16, blocks compiled (--no-compile)
     python bench.py --sweep         # GPU: also time every rows-per-block setting of the kernel (tuning)
     python bench.py --no-fla        # GPU: skip fla's chunk_rwkv7 even when it is importable
     python bench.py --decode        # GPU: L12-D768 decoding tok/s at batch 1 and 64 (eager, CUDA graph, compiled + graph)
@@ -225,6 +226,45 @@ def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
         print(f"{name:<24}{ms:>9.1f} ms {batch * ctx / ms * 1000:>10,.0f} tok/s {gb:>6.1f} GB")
     print(f"ratio {rows[0][1] / rows[1][1]:.2f} (target <= 1.5)")
 
+def bench_pretrain(device, n_layer=12, n_embd=768, vocab=65536, batch=16, ctx=512, compile=True, steps=20):
+    """The step of train_pretrain.py (bf16 autocast, cross-entropy + L2Wrap, clipping, fused AdamW) on random tokens:
+    ms/step, tok/s and peak memory, after 8 warm-up steps (compilation included)."""
+    from model import RWKV, RWKVConfig
+    cuda = device.startswith("cuda")
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    m = RWKV(RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab)).to(device)
+    if compile:
+        m.compile_blocks()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-18, fused=cuda)
+    x = torch.randint(0, vocab, (batch, ctx + 1), device=device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            loss = m(x[:, :-1], x[:, 1:])[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(8 if cuda else 1):
+        step()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    ms = (time.perf_counter() - t0) / steps * 1000
+    peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if cuda else "n/a"
+    print(f"pretraining step, L{n_layer}-D{n_embd} vocab {vocab}, batch {batch} x {ctx}, compile={compile}, "
+          f"{torch.cuda.get_device_name() if cuda else 'CPU'}: {ms:.1f} ms/step, {batch * ctx / ms * 1000:,.0f} tok/s, "
+          f"peak {peak}")
+
+
 def bench_decode(device, n_layer=12, n_embd=768, steps=256, prompt_len=16):
     """Greedy decoding of random L12-D768 weights (vocab 65536), bf16 weights and fp32 state, through sample.py's
     generate: batch 1 and 64, eager, with the CUDA graph, and with the blocks compiled inside the graph; then the
@@ -343,6 +383,9 @@ if __name__ == "__main__":
         bench_long(device, **(sizes | (dict(segment=seg) if seg else {})))
     elif "--decode" in sys.argv:
         bench_decode(device, **(dict(n_layer=2, n_embd=128, steps=16) if device == "cpu" else {}))
+    elif "--pretrain" in sys.argv:  # python bench.py --pretrain [--no-compile]
+        bench_pretrain(device, compile="--no-compile" not in sys.argv and device != "cpu",
+                       **(dict(n_layer=2, n_embd=64, vocab=256, batch=2, ctx=64, steps=2) if device == "cpu" else {}))
     elif "--distill" in sys.argv:  # python bench.py --distill [--no-compile]
         bench_distill(device, compile="--no-compile" not in sys.argv and device != "cpu",
                       **(dict(batch=1, ctx=32, layers=2) if device == "cpu" else {}))
