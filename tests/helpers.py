@@ -40,3 +40,16 @@ def wkv7_reference(xs, s0, dy, dsT):
     y, sT = wkv7_sequential(*xr, sr)
     torch.autograd.backward([y, sT], [dy.double(), dsT.double()])
     return y, sT, [x.grad for x in xr] + [sr.grad]
+
+
+def assert_matches_reference(y, sT, grads, xs, s0, dy, dsT, tol):
+    """A kernel's y, state_out and 7 gradients: no NaN (outputs are poisoned before the run, so NaN = not written)
+    and each within tol of wkv7_reference (rel_err). Returns the errors by name."""
+    y_ref, sT_ref, grads_ref = wkv7_reference(xs, s0, dy, dsT)
+    names = ["y", "state_out"] + ["d" + n for n in "rwkvab"] + ["d state_in"]
+    errs = {}
+    for name, x, ref in zip(names, [y, sT] + grads, [y_ref, sT_ref] + grads_ref):
+        assert not x.isnan().any(), f"{name}: NaN (an element was not written)"
+        errs[name] = rel_err(x, ref)
+    assert max(errs.values()) <= tol, errs
+    return errs
