@@ -68,7 +68,7 @@ constexpr int LDN = N + 4, LD2 = 2 * L + 4, LDL = L + 4;  // padded row lengths 
 constexpr int PB = WKV7_TF32X, PS = WKV7_TF32X_SMALL;     // tensor-core passes: state-sized, chunk-sized products
 constexpr int UNROLL = WKV7_UNROLL;                        // k-steps per iteration in mm
 constexpr float LOG_DECAY_SCALE = -0.6065306597126334f;    // lambda = LOG_DECAY_SCALE * sigmoid(w)
-static_assert(N % 16 == 0 && N <= NT && L * N % NT_BWD == 0, "head size");
+static_assert(N % 16 == 0 && N <= NT && L * N % NT_BWD == 0 && L * N <= 4 * L * (2 * L + 4), "head size");  // LAM fits M, D
 
 struct Args {
   const bf16 *r, *w, *k, *v, *a, *b;  // (B, T, H, N)
@@ -292,12 +292,21 @@ __device__ __forceinline__ void put(bf16* out, float* acc, size_t o, float x) {
 }
 
 // Column sums of this block's rows of dS * S (d log G_L of a chunk, with S its end state and dS the gradient there).
-template <int NV>
+// Four lanes of a warp share a column (lane / 8 = part q takes rows 8m + 2q and 8m + 2q + 1: with rows N + 4 floats
+// apart, the 32 lanes hit 32 banks), then add up with two shuffles; every warp works, with short dependency chains.
+template <int NV, int NTH>
 __device__ void dgl_sums(const float* dS, const float* S, float* DGL) {
-  if (threadIdx.x < N) {
+  const int lane = threadIdx.x % 32, q = lane / 8;
+  for (int j = threadIdx.x / 32 * 8 + lane % 8; j < N; j += NTH / 4) {
     float acc = 0.f;
-    for (int i = 0; i < NV; i++) acc += S[i * LDN + threadIdx.x] * dS[i * LDN + threadIdx.x];
-    DGL[threadIdx.x] = acc;
+#pragma unroll
+    for (int m = 0; m < NV; m += 8) {
+      const int i = (m + 2 * q) * LDN + j;
+      acc += S[i] * dS[i] + S[i + LDN] * dS[i + LDN];
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 8);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+    if (q == 0) DGL[j] = acc;
   }
 }
 
@@ -318,7 +327,7 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
   copy_state<NV, true, NTH>(dS, const_cast<float*>(dsT) + rows);
   copy_state<NV, true, NTH>(S0, const_cast<float*>(ck) + (size_t)nC * N * N);  // the last chunk's end state
   __syncthreads();
-  dgl_sums<NV>(dS, S0, DGL);
+  dgl_sums<NV, NTH>(dS, S0, DGL);
   for (int c = nC - 1; c >= 0; c--) {
     const int t0 = c * L;
     __syncthreads();
@@ -364,8 +373,11 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
     mm<NW, true, false, PB, false, NV, N, 2 * L, LDV, LDN, LDN>(dS, dYX, RA, true);     // dS0 = dS G_L + [dY; dX]^T [R; A]
     store_rows<NV, NTH>(p, dv, bb, h, t0, row0, dVU, LDV);
     __syncthreads();
+    float* LAM = M;  // M and D are free from here on: this chunk's lambda, for dw below (w is read here, by all threads)
     for (int e = threadIdx.x; e < L * N; e += NTH) {  // chain rule through the G factors
       const int t = e / N, j = e % N, tt = t0 + t;
+      const float w = tt < p.T ? __bfloat162float(p.w[idx(p, bb, tt, h) + j]) : 0.f;  // before any store
+      LAM[t * N + j] = LOG_DECAY_SCALE / (1.f + __expf(-w));
       const float g = LG[t * LDN + j], gp = t ? LG[(t - 1) * LDN + j] : 0.f;
       const int r_ = t * LDN + j, a_ = (L + t) * LDN + j;  // rows of r, k (first half) and a, b (second half)
       const float dR = dRA[r_], dA = dRA[a_], dK = dKB[r_], dB = dKB[a_], inv = __expf(-g);
@@ -387,14 +399,12 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
         acc += dRA[t * LDN + j];
         const float dl = acc + f;
         f += dRA[(L + t) * LDN + j];
-        if (t0 + t < p.T) {
-          const float lam = LOG_DECAY_SCALE / (1.f + __expf(-__bfloat162float(p.w[idx(p, bb, t0 + t, h) + j])));
-          put<G>(dw, gacc + BTHN, idx(p, bb, t0 + t, h) + j, dl * lam * (1.f - lam / LOG_DECAY_SCALE));
-        }
+        const float lam = LAM[t * N + j];
+        if (t0 + t < p.T) put<G>(dw, gacc + BTHN, idx(p, bb, t0 + t, h) + j, dl * lam * (1.f - lam / LOG_DECAY_SCALE));
       }
     }
     __syncthreads();
-    dgl_sums<NV>(dS, S0, DGL);  // for chunk c - 1, whose end state is this chunk's S0
+    dgl_sums<NV, NTH>(dS, S0, DGL);  // for chunk c - 1, whose end state is this chunk's S0
   }
   __syncthreads();
   copy_state<NV, false, NTH>(dS, ds0 + rows);
