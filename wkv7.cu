@@ -310,6 +310,14 @@ __device__ void dgl_sums(const float* dS, const float* S, float* DGL) {
   }
 }
 
+#ifdef WKV7_PROFILE  // cycles between the backward's barriers, summed over blocks and chunks (thread 0's clock)
+__device__ unsigned long long prof_cycles[16];
+#define WKV7_PROF(k) \
+  if (threadIdx.x == 0) { const long long now = clock64(); atomicAdd(&prof_cycles[k], now - prof_t), prof_t = now; }
+#else
+#define WKV7_PROF(k)
+#endif
+
 template <int NV>
 __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
     wkv7_backward(Args p, const float* ckpt, const bf16* dy, const float* dsT, bf16* dr, bf16* dw, bf16* dk, bf16* dv,
@@ -328,20 +336,23 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
   copy_state<NV, true, NTH>(S0, const_cast<float*>(ck) + (size_t)nC * N * N);  // the last chunk's end state
   __syncthreads();
   dgl_sums<NV, NTH>(dS, S0, DGL);
+#ifdef WKV7_PROFILE
+  long long prof_t = clock64();
+#endif
   for (int c = nC - 1; c >= 0; c--) {
     const int t0 = c * L;
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(0);
     load_keys<NTH>(p, bb, h, t0, RA, KB, LG);  // LG: lambda for now
     load_rows<NV, NTH>(p, p.v, bb, h, t0, row0, VU, LDV);
     load_rows<NV, NTH>(p, dy, bb, h, t0, row0, dYX, LDV);
     copy_state<NV, true, NTH>(S0, const_cast<float*>(ck) + (size_t)c * N * N);
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(1);
     if (threadIdx.x < N) {  // g_t = cumulative lambda, in place; G_L
       float g = 0.f;
       for (int t = 0; t < L; t++) g += LG[t * LDN + threadIdx.x], LG[t * LDN + threadIdx.x] = g;
       GL[threadIdx.x] = __expf(g);
     }
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(2);
     for (int e = threadIdx.x; e < L * N; e += NTH) {  // R = r G_t, A = a G_{t-1}, K^ = k / G_t, B^ = b / G_t
       const int t = e / N, j = e % N;
       const float g = LG[t * LDN + j], inv = __expf(-g);
@@ -349,30 +360,30 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
       KB[t * LDN + j] *= inv, KB[(L + t) * LDN + j] *= inv;
     }
     for (int e = threadIdx.x; e < NV * N; e += NTH) dS[e / N * LDN + e % N] *= GL[e % N];  // dS diag(G_L) from here on
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(3);
     // with K_ = K^ diag(G_L): [K_; B_] dS^T = [K^; B^] (dS diag(G_L))^T, and the K_ gradient lands in dKB already
     // scaled by G_L, which is what the chain rule below needs
     mm<NW, false, true, PS, true, 2 * L, 2 * L, N, LDN, LDN, LD2>(M, RA, KB, false);  // M
     mm<NW, false, true, PB, false, L, NV, N, LDN, LDN, LDV>(X, RA + L * LDN, S0, false);    // X = A S0^T
     mm<NW, false, true, PB, false, 2 * L, NV, N, LDN, LDN, LDV>(dVU, KB, dS, false);         // [dV; dU] = [K_; B_] dS^T
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(4);
     invert(M, TI);
     mm<NW, false, false, PS, false, L, NV, L, LD2, LDV, LDV>(X, M + L * LD2, VU, true);             // X += M_ak V
     mm<NW, true, false, PS, false, L, NV, L, LD2, LDV, LDV>(dVU + L * LDV, M + L, dYX, true);       // dU += M_rb^T dY
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(5);
     mm<NW, false, false, PS, false, L, NV, L, LDL, LDV, LDV>(VU + L * LDV, TI, X, false);            // U = (I - M_ab)^-1 X
     mm<NW, true, false, PS, false, L, NV, L, LDL, LDV, LDV>(dYX + L * LDV, TI, dVU + L * LDV, false);  // dX = (I - M_ab)^-T dU
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(6);
     mm<NW, false, true, PS, true, 2 * L, 2 * L, NV, LDV, LDV, LD2>(D, dYX, VU, false);  // D = mask([dY; dX] [V; U]^T)
     mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dKB, VU, dS, false);         // d[K^; B^] = [V; U] dS G_L ...
     mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dRA, dYX, S0, false);        // d[R; A] = [dY; dX] S0 ...
     mm<NW, true, false, PS, false, L, NV, 2 * L, LD2, LDV, LDV>(dVU, M, dYX, true);            // dV += [M_rk; M_ak]^T [dY; dX]
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(7);
     mm<NW, false, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dRA, D, KB, true);  // ... + D [K^; B^]
     mm<NW, true, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dKB, D, RA, true);   // ... + D^T [R; A]
     mm<NW, true, false, PB, false, NV, N, 2 * L, LDV, LDN, LDN>(dS, dYX, RA, true);     // dS0 = dS G_L + [dY; dX]^T [R; A]
     store_rows<NV, NTH>(p, dv, bb, h, t0, row0, dVU, LDV);
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(8);
     float* LAM = M;  // M and D are free from here on: this chunk's lambda, for dw below (w is read here, by all threads)
     for (int e = threadIdx.x; e < L * N; e += NTH) {  // chain rule through the G factors
       const int t = e / N, j = e % N, tt = t0 + t;
@@ -391,7 +402,7 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
       dRA[r_] = dR * RA[r_] - dK * KB[r_] - dB * KB[a_];  // d g_t terms: e_t at t, f_t at t-1
       dRA[a_] = dA * RA[a_];
     }
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(9);
     if (threadIdx.x < N) {  // d lambda_s = sum_{t >= s} d g_t (+ d log G_L for all s); dw = d lambda * d lambda / dw
       const int j = threadIdx.x;
       float acc = DGL[j], f = 0.f;
@@ -403,7 +414,7 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
         if (t0 + t < p.T) put<G>(dw, gacc + BTHN, idx(p, bb, t0 + t, h) + j, dl * lam * (1.f - lam / LOG_DECAY_SCALE));
       }
     }
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(10);
     dgl_sums<NV, NTH>(dS, S0, DGL);  // for chunk c - 1, whose end state is this chunk's S0
   }
   __syncthreads();
@@ -507,9 +518,19 @@ void backward(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v
     for (int i = 0; i < 5; i++) outs[i]->view(-1).copy_(gacc[i]);
   }
 }
+#ifdef WKV7_PROFILE
+void prof_read(Tensor& out) {  // out: 16 int64 on the CPU; the sums start again from zero after each read
+  C10_CUDA_CHECK(cudaMemcpyFromSymbol(out.data_ptr(), prof_cycles, sizeof(prof_cycles)));
+  const unsigned long long zero[16] = {};
+  C10_CUDA_CHECK(cudaMemcpyToSymbol(prof_cycles, zero, sizeof(zero)));
+}
+#endif
 }  // namespace wkv7
 
 WKV7_LIBRARY(WKV7_NS, m) {
+#ifdef WKV7_PROFILE
+  m.def("prof_read(Tensor(a!) out) -> ()", &wkv7::prof_read);
+#endif
   m.def("chunk_len() -> int", []() -> int64_t { return wkv7::L; });  // ckpt: ceil(T / L) + 1 states per head
   m.def("forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, "
         "Tensor(a!) y, Tensor(b!) sT, Tensor(c!) ckpt, int nv) -> ()");
