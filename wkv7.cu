@@ -94,13 +94,15 @@ __device__ __forceinline__ void st4(bf16* p, const float* o) {
 // PASSES = 1: tf32. PASSES = 3: split tf32 (x = hi + lo; hi*hi + hi*lo + lo*hi), about fp32 accuracy.
 // CAUSAL zeroes entries of a 2L x 2L result outside the chunk masks (see the top).
 // Every size is a template argument (the loops unroll, the addresses are constants). NW = warps in the block.
-template <int NW, bool TA, bool TB, int PASSES, bool CAUSAL, int M, int Nn, int K, int lda, int ldb, int ldc>
+// Warp w takes tiles w ^ W0, w ^ W0 + NW, ...: two products of 4 tiles in one phase run on different warps when one
+// of them has W0 = NW / 2 (NW is a power of two), instead of both on warps 0-3 while 4-7 wait at the barrier.
+template <int NW, bool TA, bool TB, int PASSES, bool CAUSAL, int M, int Nn, int K, int lda, int ldb, int ldc, int W0 = 0>
 __device__ void mm(float* C, const float* A, const float* B, bool acc) {
   using namespace nvcuda;
   using LA = typename std::conditional<TA, wmma::col_major, wmma::row_major>::type;
   using LB = typename std::conditional<TB, wmma::col_major, wmma::row_major>::type;
   constexpr int tiles_n = Nn / 16;
-  for (int tile = threadIdx.x / 32; tile < M / 16 * tiles_n; tile += NW) {
+  for (int tile = threadIdx.x / 32 ^ W0; tile < M / 16 * tiles_n; tile += NW) {
     const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 16;
     wmma::fragment<wmma::accumulator, 16, 16, 8, float> c, c2;  // two accumulators: two dependency chains
     if (acc) wmma::load_matrix_sync(c, C + m0 * ldc + n0, ldc, wmma::mem_row_major);
@@ -364,20 +366,20 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
     // with K_ = K^ diag(G_L): [K_; B_] dS^T = [K^; B^] (dS diag(G_L))^T, and the K_ gradient lands in dKB already
     // scaled by G_L, which is what the chain rule below needs
     mm<NW, false, true, PS, true, 2 * L, 2 * L, N, LDN, LDN, LD2>(M, RA, KB, false);  // M
-    mm<NW, false, true, PB, false, L, NV, N, LDN, LDN, LDV>(X, RA + L * LDN, S0, false);    // X = A S0^T
+    mm<NW, false, true, PB, false, L, NV, N, LDN, LDN, LDV, NW / 2>(X, RA + L * LDN, S0, false);  // X = A S0^T
     mm<NW, false, true, PB, false, 2 * L, NV, N, LDN, LDN, LDV>(dVU, KB, dS, false);         // [dV; dU] = [K_; B_] dS^T
     __syncthreads(); WKV7_PROF(4);
     invert(M, TI);
-    mm<NW, false, false, PS, false, L, NV, L, LD2, LDV, LDV>(X, M + L * LD2, VU, true);             // X += M_ak V
+    mm<NW, false, false, PS, false, L, NV, L, LD2, LDV, LDV, NW / 2>(X, M + L * LD2, VU, true);     // X += M_ak V
     mm<NW, true, false, PS, false, L, NV, L, LD2, LDV, LDV>(dVU + L * LDV, M + L, dYX, true);       // dU += M_rb^T dY
     __syncthreads(); WKV7_PROF(5);
     mm<NW, false, false, PS, false, L, NV, L, LDL, LDV, LDV>(VU + L * LDV, TI, X, false);            // U = (I - M_ab)^-1 X
-    mm<NW, true, false, PS, false, L, NV, L, LDL, LDV, LDV>(dYX + L * LDV, TI, dVU + L * LDV, false);  // dX = (I - M_ab)^-T dU
+    mm<NW, true, false, PS, false, L, NV, L, LDL, LDV, LDV, NW / 2>(dYX + L * LDV, TI, dVU + L * LDV, false);  // dX = (I - M_ab)^-T dU
     __syncthreads(); WKV7_PROF(6);
     mm<NW, false, true, PS, true, 2 * L, 2 * L, NV, LDV, LDV, LD2>(D, dYX, VU, false);  // D = mask([dY; dX] [V; U]^T)
     mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dKB, VU, dS, false);         // d[K^; B^] = [V; U] dS G_L ...
     mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dRA, dYX, S0, false);        // d[R; A] = [dY; dX] S0 ...
-    mm<NW, true, false, PS, false, L, NV, 2 * L, LD2, LDV, LDV>(dVU, M, dYX, true);            // dV += [M_rk; M_ak]^T [dY; dX]
+    mm<NW, true, false, PS, false, L, NV, 2 * L, LD2, LDV, LDV, NW / 2>(dVU, M, dYX, true);      // dV += [M_rk; M_ak]^T [dY; dX]
     __syncthreads(); WKV7_PROF(7);
     mm<NW, false, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dRA, D, KB, true);  // ... + D [K^; B^]
     mm<NW, true, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dKB, D, RA, true);   // ... + D^T [R; A]
@@ -385,6 +387,7 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
     store_rows<NV, NTH>(p, dv, bb, h, t0, row0, dVU, LDV);
     __syncthreads(); WKV7_PROF(8);
     float* LAM = M;  // M and D are free from here on: this chunk's lambda, for dw below (w is read here, by all threads)
+    const float dgl = threadIdx.x < N ? DGL[threadIdx.x] : 0.f;  // read now: dgl_sums rewrites DGL next to the dw loop
     for (int e = threadIdx.x; e < L * N; e += NTH) {  // chain rule through the G factors
       const int t = e / N, j = e % N, tt = t0 + t;
       const float w = tt < p.T ? __bfloat162float(p.w[idx(p, bb, tt, h) + j]) : 0.f;  // before any store
@@ -405,7 +408,7 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
     __syncthreads(); WKV7_PROF(9);
     if (threadIdx.x < N) {  // d lambda_s = sum_{t >= s} d g_t (+ d log G_L for all s); dw = d lambda * d lambda / dw
       const int j = threadIdx.x;
-      float acc = DGL[j], f = 0.f;
+      float acc = dgl, f = 0.f;
       for (int t = L - 1; t >= 0; t--) {
         acc += dRA[t * LDN + j];
         const float dl = acc + f;
@@ -414,8 +417,7 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
         if (t0 + t < p.T) put<G>(dw, gacc + BTHN, idx(p, bb, t0 + t, h) + j, dl * lam * (1.f - lam / LOG_DECAY_SCALE));
       }
     }
-    __syncthreads(); WKV7_PROF(10);
-    dgl_sums<NV, NTH>(dS, S0, DGL);  // for chunk c - 1, whose end state is this chunk's S0
+    dgl_sums<NV, NTH>(dS, S0, DGL);  // for chunk c - 1, whose end state is this chunk's S0 (no barrier: see dgl)
   }
   __syncthreads();
   copy_state<NV, false, NTH>(dS, ds0 + rows);
