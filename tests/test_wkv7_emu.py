@@ -17,30 +17,33 @@ import torch
 from helpers import assert_matches_reference, wkv7_inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-N, TOL = 64, 4e-3
+TOL = 4e-3
 BF16_NAN = 0x7FC0
 
 
-@pytest.fixture(scope="module", params=["wkv7.cu", "wkv7_hip.cpp"])
+@pytest.fixture(scope="module", params=[("wkv7.cu", 64), ("wkv7.cu", 128), ("wkv7_hip.cpp", 64)],
+                ids=["wkv7.cu", "wkv7.cu-N128", "wkv7_hip.cpp"])
 def lib(request, tmp_path_factory):
-    """The kernel file built for the CPU. wkv7_hip.cpp (8-step chunks, fp32 loops, 16 rows per backward block) has
-    no AMD GPU to run on here, so this is where its logic is checked."""
+    """The kernel file built for the CPU, for head size N. wkv7_hip.cpp (8-step chunks, fp32 loops, 16 rows per
+    backward block) has no AMD GPU to run on here, so this is where its logic is checked. Head size 128 runs here with
+    64 rows per block too, which the GPU host code never picks (not enough shared memory): same logic, more cases."""
+    name, N = request.param
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         pytest.fail("no C++ compiler (g++, C++20) to build tests/wkv7_emu.cpp; set CXX")
     out = str(tmp_path_factory.mktemp("emu") / "libwkv7emu.so")
-    src = os.path.join(HERE, "..", request.param)
+    src = os.path.join(HERE, "..", name)
     subprocess.run([cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-w", f'-DWKV7_SRC="{src}"',
-                    os.path.join(HERE, "wkv7_emu.cpp"), "-o", out], check=True)
+                    f"-D_N_={N}", os.path.join(HERE, "wkv7_emu.cpp"), "-o", out], check=True)
     emu = ctypes.CDLL(out)
-    emu.hip = request.param.endswith("hip.cpp")
+    emu.hip, emu.N = name.endswith("hip.cpp"), N
     return emu
 
 
 def run_kernels(lib, xs, s0, dy, dsT, nv):
     """The forward and backward kernels on the emulator; every output starts as NaN. The HIP backward always
     takes 16 rows per block, as its host code does."""
-    B, T, H, _ = xs[0].shape
+    B, T, H, N = xs[0].shape
     L, nv_bwd = lib.emu_chunk_len(), 16 if lib.hip else nv
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     u16 = lambda x: np.ascontiguousarray(x.view(torch.int16).numpy())  # noqa: E731
@@ -50,7 +53,7 @@ def run_kernels(lib, xs, s0, dy, dsT, nv):
     ckpt = np.full((B, H, (T + L - 1) // L + 1, N, N), np.nan, np.float32)  # (room for a final state too)
     lib.emu_forward(B, T, H, nv, *map(ptr, ins), ptr(s0.numpy().copy()), ptr(y), ptr(sT), ptr(ckpt))
     grads = np.full((6, B, T, H, N), BF16_NAN, np.int16)
-    gacc = np.zeros((5, B * T * H * N), np.float32)  # key-side sums when a head is split (nv < 64)
+    gacc = np.zeros((5, B * T * H * N), np.float32)  # key-side sums when a head is split (nv < N)
     lib.emu_backward(B, T, H, nv_bwd, *map(ptr, ins), ptr(ckpt), ptr(u16(dy)), ptr(dsT.numpy().copy()), ptr(grads),
                      ptr(ds0), ptr(gacc))
     bf = lambda a: torch.from_numpy(np.ascontiguousarray(a)).view(torch.bfloat16).float()  # noqa: E731
@@ -71,6 +74,7 @@ def run_kernels(lib, xs, s0, dy, dsT, nv):
     (50, 1, 1, 64, (7.0, 8.0), True),    # decay next to its floor
 ])
 def test_kernels_match_float64(lib, T, B, H, nv, w_range, with_state):
+    N = lib.N
     xs, s0 = wkv7_inputs(B, T, H, N, w_range, seed=T)
     s0 = s0 * with_state
     g = torch.Generator().manual_seed(T + 1)

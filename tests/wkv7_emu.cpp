@@ -31,7 +31,7 @@ extern "C" void emu_backward(int B, int T, int H, int nv, const uint16_t* r, con
   const bf16* dyb = reinterpret_cast<const bf16*>(dy);
   auto run = [&](auto kernel) {
     emu_launch(blocks, wkv7::NT_BWD, [&] {
-      kernel(p, ckpt, dyb, dsT, g, g + n, g + 2 * n, g + 3 * n, g + 4 * n, g + 5 * n, ds0, nv < 64 ? gacc : nullptr);
+      kernel(p, ckpt, dyb, dsT, g, g + n, g + 2 * n, g + 3 * n, g + 4 * n, g + 5 * n, ds0, nv < wkv7::N ? gacc : nullptr);
     });
   };
   if (nv == 64) run(wkv7::wkv7_backward<64>);
