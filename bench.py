@@ -250,6 +250,8 @@ def bench_pretrain(device, n_layer=12, n_embd=768, vocab=65536, batch=16, ctx=51
 
     for _ in range(8 if cuda else 1):
         step()
+    # steps back to back, one sync at the end: time_gpu's sync after every call would add the launch latency that
+    # a training loop hides behind the GPU
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     if cuda:

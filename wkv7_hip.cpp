@@ -192,8 +192,7 @@ __global__ void __launch_bounds__(NT) wkv7_forward(Args p, const float* s0, bf16
   }
   __syncthreads();
   if (nC) store_rows<NV, NTH>(p, y, bb, h, (nC - 1) * L, row0, YX, LDV);
-  copy_state<NV, false, NTH>(S, sT + rows);
-  copy_state<NV, false, NTH>(S, ckpt + ((size_t)bh * (nC + 1) + nC) * N * N + row0 * N);  // same layout as wkv7.cu
+  copy_state<NV, false, NTH>(S, sT + rows);  // (ckpt's last slot, wkv7.cu's final state, is not used here)
 }
 
 template <int NV>
