@@ -68,7 +68,7 @@ constexpr int LDN = N + 4, LD2 = 2 * L + 4, LDL = L + 4;  // padded row lengths 
 constexpr int PB = WKV7_TF32X, PS = WKV7_TF32X_SMALL;     // tensor-core passes: state-sized, chunk-sized products
 constexpr int UNROLL = WKV7_UNROLL;                        // k-steps per iteration in mm
 constexpr float LOG_DECAY_SCALE = -0.6065306597126334f;    // lambda = LOG_DECAY_SCALE * sigmoid(w)
-static_assert(N % 16 == 0 && N <= NT && L * N % NT_BWD == 0, "head size");
+static_assert(N % 16 == 0 && N <= NT && L * N % NT_BWD == 0 && L * N <= 4 * L * (2 * L + 4), "head size");  // LAM fits M, D
 
 struct Args {
   const bf16 *r, *w, *k, *v, *a, *b;  // (B, T, H, N)
@@ -94,13 +94,15 @@ __device__ __forceinline__ void st4(bf16* p, const float* o) {
 // PASSES = 1: tf32. PASSES = 3: split tf32 (x = hi + lo; hi*hi + hi*lo + lo*hi), about fp32 accuracy.
 // CAUSAL zeroes entries of a 2L x 2L result outside the chunk masks (see the top).
 // Every size is a template argument (the loops unroll, the addresses are constants). NW = warps in the block.
-template <int NW, bool TA, bool TB, int PASSES, bool CAUSAL, int M, int Nn, int K, int lda, int ldb, int ldc>
+// Warp w takes tiles w ^ W0, w ^ W0 + NW, ...: two products of 4 tiles in one phase run on different warps when one
+// of them has W0 = NW / 2 (NW is a power of two), instead of both on warps 0-3 while 4-7 wait at the barrier.
+template <int NW, bool TA, bool TB, int PASSES, bool CAUSAL, int M, int Nn, int K, int lda, int ldb, int ldc, int W0 = 0>
 __device__ void mm(float* C, const float* A, const float* B, bool acc) {
   using namespace nvcuda;
   using LA = typename std::conditional<TA, wmma::col_major, wmma::row_major>::type;
   using LB = typename std::conditional<TB, wmma::col_major, wmma::row_major>::type;
   constexpr int tiles_n = Nn / 16;
-  for (int tile = threadIdx.x / 32; tile < M / 16 * tiles_n; tile += NW) {
+  for (int tile = threadIdx.x / 32 ^ W0; tile < M / 16 * tiles_n; tile += NW) {
     const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 16;
     wmma::fragment<wmma::accumulator, 16, 16, 8, float> c, c2;  // two accumulators: two dependency chains
     if (acc) wmma::load_matrix_sync(c, C + m0 * ldc + n0, ldc, wmma::mem_row_major);
@@ -292,14 +294,31 @@ __device__ __forceinline__ void put(bf16* out, float* acc, size_t o, float x) {
 }
 
 // Column sums of this block's rows of dS * S (d log G_L of a chunk, with S its end state and dS the gradient there).
-template <int NV>
+// Four lanes of a warp share a column (lane / 8 = part q takes rows 8m + 2q and 8m + 2q + 1: with rows N + 4 floats
+// apart, the 32 lanes hit 32 banks), then add up with two shuffles; every warp works, with short dependency chains.
+template <int NV, int NTH>
 __device__ void dgl_sums(const float* dS, const float* S, float* DGL) {
-  if (threadIdx.x < N) {
+  const int lane = threadIdx.x % 32, q = lane / 8;
+  for (int j = threadIdx.x / 32 * 8 + lane % 8; j < N; j += NTH / 4) {
     float acc = 0.f;
-    for (int i = 0; i < NV; i++) acc += S[i * LDN + threadIdx.x] * dS[i * LDN + threadIdx.x];
-    DGL[threadIdx.x] = acc;
+#pragma unroll
+    for (int m = 0; m < NV; m += 8) {
+      const int i = (m + 2 * q) * LDN + j;
+      acc += S[i] * dS[i] + S[i + LDN] * dS[i + LDN];
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 8);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+    if (q == 0) DGL[j] = acc;
   }
 }
+
+#ifdef WKV7_PROFILE  // cycles between the backward's barriers, summed over blocks and chunks (thread 0's clock)
+__device__ unsigned long long prof_cycles[16];
+#define WKV7_PROF(k) \
+  if (threadIdx.x == 0) { const long long now = clock64(); atomicAdd(&prof_cycles[k], now - prof_t), prof_t = now; }
+#else
+#define WKV7_PROF(k)
+#endif
 
 template <int NV>
 __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
@@ -318,21 +337,24 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
   copy_state<NV, true, NTH>(dS, const_cast<float*>(dsT) + rows);
   copy_state<NV, true, NTH>(S0, const_cast<float*>(ck) + (size_t)nC * N * N);  // the last chunk's end state
   __syncthreads();
-  dgl_sums<NV>(dS, S0, DGL);
+  dgl_sums<NV, NTH>(dS, S0, DGL);
+#ifdef WKV7_PROFILE
+  long long prof_t = clock64();
+#endif
   for (int c = nC - 1; c >= 0; c--) {
     const int t0 = c * L;
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(0);
     load_keys<NTH>(p, bb, h, t0, RA, KB, LG);  // LG: lambda for now
     load_rows<NV, NTH>(p, p.v, bb, h, t0, row0, VU, LDV);
     load_rows<NV, NTH>(p, dy, bb, h, t0, row0, dYX, LDV);
     copy_state<NV, true, NTH>(S0, const_cast<float*>(ck) + (size_t)c * N * N);
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(1);
     if (threadIdx.x < N) {  // g_t = cumulative lambda, in place; G_L
       float g = 0.f;
       for (int t = 0; t < L; t++) g += LG[t * LDN + threadIdx.x], LG[t * LDN + threadIdx.x] = g;
       GL[threadIdx.x] = __expf(g);
     }
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(2);
     for (int e = threadIdx.x; e < L * N; e += NTH) {  // R = r G_t, A = a G_{t-1}, K^ = k / G_t, B^ = b / G_t
       const int t = e / N, j = e % N;
       const float g = LG[t * LDN + j], inv = __expf(-g);
@@ -340,32 +362,36 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
       KB[t * LDN + j] *= inv, KB[(L + t) * LDN + j] *= inv;
     }
     for (int e = threadIdx.x; e < NV * N; e += NTH) dS[e / N * LDN + e % N] *= GL[e % N];  // dS diag(G_L) from here on
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(3);
     // with K_ = K^ diag(G_L): [K_; B_] dS^T = [K^; B^] (dS diag(G_L))^T, and the K_ gradient lands in dKB already
     // scaled by G_L, which is what the chain rule below needs
     mm<NW, false, true, PS, true, 2 * L, 2 * L, N, LDN, LDN, LD2>(M, RA, KB, false);  // M
-    mm<NW, false, true, PB, false, L, NV, N, LDN, LDN, LDV>(X, RA + L * LDN, S0, false);    // X = A S0^T
+    mm<NW, false, true, PB, false, L, NV, N, LDN, LDN, LDV, NW / 2>(X, RA + L * LDN, S0, false);  // X = A S0^T
     mm<NW, false, true, PB, false, 2 * L, NV, N, LDN, LDN, LDV>(dVU, KB, dS, false);         // [dV; dU] = [K_; B_] dS^T
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(4);
     invert(M, TI);
-    mm<NW, false, false, PS, false, L, NV, L, LD2, LDV, LDV>(X, M + L * LD2, VU, true);             // X += M_ak V
+    mm<NW, false, false, PS, false, L, NV, L, LD2, LDV, LDV, NW / 2>(X, M + L * LD2, VU, true);     // X += M_ak V
     mm<NW, true, false, PS, false, L, NV, L, LD2, LDV, LDV>(dVU + L * LDV, M + L, dYX, true);       // dU += M_rb^T dY
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(5);
     mm<NW, false, false, PS, false, L, NV, L, LDL, LDV, LDV>(VU + L * LDV, TI, X, false);            // U = (I - M_ab)^-1 X
-    mm<NW, true, false, PS, false, L, NV, L, LDL, LDV, LDV>(dYX + L * LDV, TI, dVU + L * LDV, false);  // dX = (I - M_ab)^-T dU
-    __syncthreads();
+    mm<NW, true, false, PS, false, L, NV, L, LDL, LDV, LDV, NW / 2>(dYX + L * LDV, TI, dVU + L * LDV, false);  // dX = (I - M_ab)^-T dU
+    __syncthreads(); WKV7_PROF(6);
     mm<NW, false, true, PS, true, 2 * L, 2 * L, NV, LDV, LDV, LD2>(D, dYX, VU, false);  // D = mask([dY; dX] [V; U]^T)
     mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dKB, VU, dS, false);         // d[K^; B^] = [V; U] dS G_L ...
     mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dRA, dYX, S0, false);        // d[R; A] = [dY; dX] S0 ...
-    mm<NW, true, false, PS, false, L, NV, 2 * L, LD2, LDV, LDV>(dVU, M, dYX, true);            // dV += [M_rk; M_ak]^T [dY; dX]
-    __syncthreads();
+    mm<NW, true, false, PS, false, L, NV, 2 * L, LD2, LDV, LDV, NW / 2>(dVU, M, dYX, true);      // dV += [M_rk; M_ak]^T [dY; dX]
+    __syncthreads(); WKV7_PROF(7);
     mm<NW, false, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dRA, D, KB, true);  // ... + D [K^; B^]
     mm<NW, true, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dKB, D, RA, true);   // ... + D^T [R; A]
     mm<NW, true, false, PB, false, NV, N, 2 * L, LDV, LDN, LDN>(dS, dYX, RA, true);     // dS0 = dS G_L + [dY; dX]^T [R; A]
     store_rows<NV, NTH>(p, dv, bb, h, t0, row0, dVU, LDV);
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(8);
+    float* LAM = M;  // M and D are free from here on: this chunk's lambda, for dw below (w is read here, by all threads)
+    const float dgl = threadIdx.x < N ? DGL[threadIdx.x] : 0.f;  // read now: dgl_sums rewrites DGL next to the dw loop
     for (int e = threadIdx.x; e < L * N; e += NTH) {  // chain rule through the G factors
       const int t = e / N, j = e % N, tt = t0 + t;
+      const float w = tt < p.T ? __bfloat162float(p.w[idx(p, bb, tt, h) + j]) : 0.f;  // before any store
+      LAM[t * N + j] = LOG_DECAY_SCALE / (1.f + __expf(-w));
       const float g = LG[t * LDN + j], gp = t ? LG[(t - 1) * LDN + j] : 0.f;
       const int r_ = t * LDN + j, a_ = (L + t) * LDN + j;  // rows of r, k (first half) and a, b (second half)
       const float dR = dRA[r_], dA = dRA[a_], dK = dKB[r_], dB = dKB[a_], inv = __expf(-g);
@@ -379,22 +405,19 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
       dRA[r_] = dR * RA[r_] - dK * KB[r_] - dB * KB[a_];  // d g_t terms: e_t at t, f_t at t-1
       dRA[a_] = dA * RA[a_];
     }
-    __syncthreads();
+    __syncthreads(); WKV7_PROF(9);
     if (threadIdx.x < N) {  // d lambda_s = sum_{t >= s} d g_t (+ d log G_L for all s); dw = d lambda * d lambda / dw
       const int j = threadIdx.x;
-      float acc = DGL[j], f = 0.f;
+      float acc = dgl, f = 0.f;
       for (int t = L - 1; t >= 0; t--) {
         acc += dRA[t * LDN + j];
         const float dl = acc + f;
         f += dRA[(L + t) * LDN + j];
-        if (t0 + t < p.T) {
-          const float lam = LOG_DECAY_SCALE / (1.f + __expf(-__bfloat162float(p.w[idx(p, bb, t0 + t, h) + j])));
-          put<G>(dw, gacc + BTHN, idx(p, bb, t0 + t, h) + j, dl * lam * (1.f - lam / LOG_DECAY_SCALE));
-        }
+        const float lam = LAM[t * N + j];
+        if (t0 + t < p.T) put<G>(dw, gacc + BTHN, idx(p, bb, t0 + t, h) + j, dl * lam * (1.f - lam / LOG_DECAY_SCALE));
       }
     }
-    __syncthreads();
-    dgl_sums<NV>(dS, S0, DGL);  // for chunk c - 1, whose end state is this chunk's S0
+    dgl_sums<NV, NTH>(dS, S0, DGL);  // for chunk c - 1, whose end state is this chunk's S0 (no barrier: see dgl)
   }
   __syncthreads();
   copy_state<NV, false, NTH>(dS, ds0 + rows);
@@ -497,9 +520,19 @@ void backward(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v
     for (int i = 0; i < 5; i++) outs[i]->view(-1).copy_(gacc[i]);
   }
 }
+#ifdef WKV7_PROFILE
+void prof_read(Tensor& out) {  // out: 16 int64 on the CPU; the sums start again from zero after each read
+  C10_CUDA_CHECK(cudaMemcpyFromSymbol(out.data_ptr(), prof_cycles, sizeof(prof_cycles)));
+  const unsigned long long zero[16] = {};
+  C10_CUDA_CHECK(cudaMemcpyToSymbol(prof_cycles, zero, sizeof(zero)));
+}
+#endif
 }  // namespace wkv7
 
 WKV7_LIBRARY(WKV7_NS, m) {
+#ifdef WKV7_PROFILE
+  m.def("prof_read(Tensor(a!) out) -> ()", &wkv7::prof_read);
+#endif
   m.def("chunk_len() -> int", []() -> int64_t { return wkv7::L; });  // ckpt: ceil(T / L) + 1 states per head
   m.def("forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, "
         "Tensor(a!) y, Tensor(b!) sT, Tensor(c!) ckpt, int nv) -> ()");

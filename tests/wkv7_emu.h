@@ -23,6 +23,14 @@ inline std::barrier<>* emu_block_barrier;
 inline std::vector<std::barrier<>*> emu_warp_barriers;
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 inline void __syncwarp() { emu_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+inline float emu_lanes[1024];  // one slot per thread of the block: __shfl_xor_sync goes through it
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {  // every lane of the warp calls it, as on the GPU
+  emu_lanes[threadIdx.x] = v;
+  __syncwarp();
+  const float other = emu_lanes[threadIdx.x ^ lane_mask];
+  __syncwarp();
+  return other;
+}
 inline float __expf(float x) { return std::exp(x); }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
