@@ -191,6 +191,14 @@ def _wkv7_build(N):
     return ops.forward.default, ops.backward.default, ops.chunk_len()
 
 
+def wkv7_ops(N):
+    """The head-size-N kernel ops, built at first use. compile_in_place builds them before tracing: a build met
+    while tracing is a graph break, and torch 2.11 then failed (garbage view sizes) in the partial graph's outputs."""
+    if N not in _WKV7_OPS:
+        _WKV7_OPS[N] = _wkv7_build(N)
+    return _WKV7_OPS[N]
+
+
 class _WKV7Kernel(torch.autograd.Function):
     """bf16 contiguous (B, T, H, N) inputs, fp32 contiguous state; saves the state at each chunk start for backward."""
 
@@ -226,8 +234,7 @@ def wkv7_kernel(r, w, k, v, a, b, state=None):
     B, T, H, N = r.shape
     if not kernel_has_head_size(N):
         raise ValueError(f"the ROCm kernel (wkv7_hip.cpp) has head size 64 only, not {N}: use wkv_impl='torch'")
-    if N not in _WKV7_OPS:
-        _WKV7_OPS[N] = _wkv7_build(N)
+    wkv7_ops(N)
     s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
     if T == 0:
         return r.new_empty(r.shape), s0.clone()
@@ -436,6 +443,10 @@ def compile_in_place(module, backend="inductor"):
     # blocks share one forward and differ in layer_id (a static int): one compilation each, and past the default
     # limit of 8 the rest silently ran eager (L12: 4 of 12 blocks)
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+    for mixer in module.modules():  # kernels first (see wkv7_ops)
+        if isinstance(mixer, TimeMix) and kernel_has_head_size(mixer.head_size) and (
+                mixer.wkv_impl == "kernel" or mixer.wkv_impl == "auto" and mixer.x_r.is_cuda):
+            wkv7_ops(mixer.head_size)
     off = backend == "inductor" and hasattr(inductor_config.triton, "mix_order_reduction")  # not in older torch
     module.compile(backend=backend, options={"triton.mix_order_reduction": False} if off else None)
 

@@ -275,6 +275,46 @@ def test_every_block_compiles():
     assert counters["stats"]["unique_graphs"] == 10
 
 
+def test_compile_builds_kernels_before_tracing(monkeypatch):
+    """compile_in_place builds the WKV7 kernels its mixers call before anything is traced: a build met while tracing
+    is a graph break, and torch 2.11 on the GPU then failed replaying that partial graph's outputs (garbage view
+    sizes). Stand-in CPU ops with the kernel's schema (computing with wkv7_chunked) run the kernel path here:
+    built at compile time, no graph break, and the eager loss."""
+    import model
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    lib = torch.library.Library("wkv7_cpu_standin", "DEF")
+    lib.define("forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, Tensor(a!) y, "
+               "Tensor(b!) sT, Tensor(c!) ckpt, int nv) -> ()")
+
+    def forward(r, w, k, v, a, b, s0, y, sT, ckpt, nv):
+        y_, sT_ = wkv7_chunked(*(x.float() for x in (r, w, k, v, a, b)), s0)
+        y.copy_(y_), sT.copy_(sT_), ckpt.zero_()
+
+    lib.impl("forward", forward, "CPU")
+    torch.library.register_fake("wkv7_cpu_standin::forward")(lambda *args: None)
+    built = []
+
+    @torch.compiler.disable  # as the real build is
+    def build(N):
+        built.append(N)
+        return torch.ops.wkv7_cpu_standin.forward.default, None, 16
+
+    monkeypatch.setattr(model, "_WKV7_OPS", {})
+    monkeypatch.setattr(model, "_wkv7_build", build)
+    eager = random_model(n_layer=2, n_embd=64, vocab_size=64, wkv_impl="kernel")
+    compiled = random_model(n_layer=2, n_embd=64, vocab_size=64, wkv_impl="kernel")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.compile_blocks("aot_eager")
+    assert built == [64]
+    idx = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        losses = [m(idx, idx)[1].item() for m in (compiled, eager)]  # compiled first: eager would build
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert abs(losses[1] - losses[0]) <= 1e-5
+
+
 def test_dropout_acts_in_training_only():
     """config.dropout drops on both residual branches in train mode; eval mode (and dropout=0) is the plain model,
     and the state dict (official layout) is the same."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import model
-from helpers import assert_matches_reference, rel_err, wkv7_inputs, wkv7_reference
+from helpers import assert_matches_reference, random_model, rel_err, wkv7_inputs, wkv7_reference
 from model import wkv7_kernel, wkv7_sequential
 
 pytestmark = [pytest.mark.gpu,
@@ -140,3 +140,25 @@ def test_training_kernel_vs_torch():
             losses[impl].append(loss.item())
     diff = max(abs(a - b) for a, b in zip(losses["kernel"], losses["torch"]))
     assert diff <= 1e-2, (diff, losses)
+
+
+def test_compiled_training_step(monkeypatch):
+    """The L12 pretraining step's path on a small model: blocks compiled with Inductor before the kernel is loaded
+    (compile_in_place loads it first; a load met while tracing was a graph break that torch 2.11 then failed in,
+    with garbage view sizes), bf16 autocast, backward: the eager loss and gradients, up to bf16 rounding."""
+    monkeypatch.setattr(model, "_WKV7_OPS", {})  # as in a fresh process
+    nets = []
+    for compiled in (True, False):
+        nets.append(random_model(n_layer=2, n_embd=128, vocab_size=256).cuda().train())
+        if compiled:
+            nets[-1].compile_blocks()
+    idx = torch.randint(0, 256, (4, 129), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    losses = []
+    for net in nets:
+        with torch.autocast("cuda", torch.bfloat16):
+            losses.append(net(idx[:, :-1], idx[:, 1:])[1])
+        losses[-1].backward()
+    assert abs(losses[0].item() - losses[1].item()) <= 1e-2
+    grads = dict(nets[1].named_parameters())
+    for name, p in nets[0].named_parameters():
+        assert rel_err(p.grad, grads[name].grad) <= 5e-2, name
