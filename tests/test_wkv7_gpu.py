@@ -146,7 +146,9 @@ def test_compiled_training_step(monkeypatch):
     """The L12 pretraining step's path on a small model: blocks compiled with Inductor before the kernel is loaded
     (compile_in_place loads it first; a load met while tracing was a graph break that torch 2.11 then failed in,
     with garbage view sizes), bf16 autocast, backward: the eager loss and gradients, up to bf16 rounding."""
-    monkeypatch.setattr(model, "_WKV7_OPS", {})  # as in a fresh process
+    loaded = ops()
+    monkeypatch.setattr(model, "_WKV7_OPS", {})  # as in a fresh process, where the load is a dynamo-disabled call
+    monkeypatch.setattr(model, "_wkv7_build", torch.compiler.disable(lambda N: loaded))
     nets = []
     for compiled in (True, False):
         nets.append(random_model(n_layer=2, n_embd=128, vocab_size=256).cuda().train())
