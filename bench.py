@@ -6,6 +6,7 @@ Speed of the WKV7 implementations, measured by a script rather than by tests.
     python bench.py --distill       # a distillation step of a SmolLM2-shaped hybrid vs the teacher's training step
     python bench.py --pretrain      # an L12-D768 pretraining step, ctx 512, batch 16, blocks compiled (--no-compile)
     python bench.py --sweep         # GPU: also time every rows-per-block setting of the kernel (tuning)
+    python bench.py --phases        # GPU: cycles of each phase of the kernel's backward (a -DWKV7_PROFILE build)
     python bench.py --no-fla        # GPU: skip fla's chunk_rwkv7 even when it is importable
     python bench.py --decode        # GPU: L12-D768 decoding tok/s at batch 1 and 64 (eager, CUDA graph, compiled + graph)
                                     # and the `rwkv` package's 'cuda fp16' strategy at batch 1, in the same run
@@ -19,6 +20,7 @@ the same inputs in the same run when fla is installed.
 
 Every timing is the median of several runs after a warm-up; results go into the README with device and date.
 """
+import os
 import statistics
 import sys
 import time
@@ -169,6 +171,40 @@ def bench_gpu(sweep=False, use_fla=True):
     for shape, name, f, fb, mem, err in rows:
         target = f"{TARGET_MS[shape]:.2f}" if name == "wkv7.cu" else ""
         print(f"{str(shape):<18}{name:<22}{f:>9.2f}{fb:>12.2f}{target:>8}{mem:>9.2f}{err:>13.1e}")
+
+
+# the backward's phases, in the order of its WKV7_PROF(k) marks in wkv7.cu
+BWD_PHASES = ["dw loop + d log G_L sums", "loads", "cumsum log G", "G factors, dS G_L", "M, X, dV U",
+              "invert, X+=, dU+=", "U, dX", "D, dK B, dR A, dV", "dR A+=, dK B+=, dS+=, store dv", "chain rule, lambdas"]
+
+
+def bench_phases(runs=5):
+    """Where the backward's time goes: a -DWKV7_PROFILE build sums thread 0's clock between the backward's barriers
+    over all blocks and chunks (its own extension, beside the plain one); printed per 16-step chunk per block."""
+    if not torch.cuda.is_available():
+        sys.exit("bench.py --phases needs a CUDA GPU: it profiles wkv7.cu")
+    os.environ["WKV7_CFLAGS"] = "-DWKV7_PROFILE"  # read when the kernel is built, which happens below
+    prof_read = getattr(torch.ops, model.wkv7_ops(64)[0].namespace).prof_read
+    counts = torch.zeros(16, dtype=torch.int64)
+    for B, T, C in GPU_SHAPES:
+        leaves = [x.requires_grad_() for x in random_inputs(B, T, C, dtype=torch.bfloat16, device="cuda")[:6]]
+        dy = torch.ones(B, T, C // 64, 64, device="cuda", dtype=torch.bfloat16)
+        fwd_bwd = fwd_bwd_fns(wkv7_kernel, leaves, dy)[1]
+        fwd_bwd()
+        torch.cuda.synchronize()
+        prof_read(counts)  # read and reset: the timed runs start from zero
+        for _ in range(runs):
+            fwd_bwd()
+        torch.cuda.synchronize()
+        prof_read(counts)
+        rows = 64  # the kernel's automatic choice (wkv7.cu rows_per_block): split heads until 132 blocks
+        while rows > 16 and B * (C // 64) * (64 // rows) < 132:
+            rows //= 2
+        per_chunk_block = runs * B * (C // 64) * (64 // rows) * ((T + 15) // 16)
+        total = counts[:len(BWD_PHASES)].sum().item()
+        print(f"{(B, T, C)}, {rows} rows per block: {total / per_chunk_block:,.0f} cycles per chunk per block")
+        for name, n in zip(BWD_PHASES, counts.tolist()):
+            print(f"  {name:<34}{n / per_chunk_block:>8,.0f}{100 * n / total:>6.0f}%")
 
 
 def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
@@ -391,6 +427,8 @@ if __name__ == "__main__":
     elif "--distill" in sys.argv:  # python bench.py --distill [--no-compile]
         bench_distill(device, compile="--no-compile" not in sys.argv and device != "cpu",
                       **(dict(batch=1, ctx=32, layers=2) if device == "cpu" else {}))
+    elif "--phases" in sys.argv:
+        bench_phases()
     elif device == "cpu":
         bench_cpu()
     else:
