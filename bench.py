@@ -223,6 +223,7 @@ def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
     hybrid.to(device)
     if compile:  # what train_distill.py --compile=True does
         hybrid.compile_time_mixers()
+        kl_loss, teacher_targets = torch.compile(kl_loss), torch.compile(teacher_targets)
     base = transformers.AutoModelForCausalLM.from_config(cfg).to(device)
     x = torch.randint(0, cfg.vocab_size, (batch, ctx), device=device)
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
