@@ -153,6 +153,17 @@ def test_teacher_rank_equals_in_process_teacher(tiny_teacher, chat_data, tmp_pat
     assert w1.keys() == w2.keys() and max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-4
 
 
+def test_compiled_stage2_equals_eager(tiny_teacher, chat_data, tmp_path):
+    """--compile=True (time-mixers, kl_loss and teacher_targets through Inductor) logs the eager run's top-k KL at
+    every step, to the 4 decimals logged."""
+    common = [f"--base={tiny_teacher}", "--stage=2", f"--data={chat_data}", "--ctx_len=32", "--batch_size=2",
+              "--eval_batches=1", "--log_interval=1", "--max_steps=3", "--eval_interval=1000", "--save_interval=1000",
+              "--learning_rate=1e-3", "--warmup_steps=1", "--topk=8"]
+    compiled = values(run(common + [f"--out_dir={tmp_path}/compiled", "--compile=True"]), "train", "kl")
+    eager = values(run(common + [f"--out_dir={tmp_path}/eager"]), "train", "kl")
+    assert len(compiled) == 3 and max(abs(a - b) for a, b in zip(compiled, eager)) <= 2e-4, (compiled, eager)
+
+
 def test_exact_resume(tiny_teacher, chat_data, tmp_path):
     """Stopping at step 3 and resuming gives the weights of an uninterrupted 6-step run, bit for bit (CPU)."""
     common = [f"--base={tiny_teacher}", "--stage=2", f"--data={chat_data}", "--ctx_len=64", "--batch_size=2",
