@@ -87,7 +87,7 @@ progress_bar = True
 # system
 device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # 'auto' = bf16 on CUDA, fp32 on CPU
-compile = False  # torch.compile the RWKV time-mixers (GPU)
+compile = False  # torch.compile the RWKV time-mixers and the KL loss (GPU)
 parallel = "ddp"  # under torchrun: 'ddp', or 'fsdp' (FSDP2: fully_shard each decoder layer, then the root)
 grad_checkpointing = False
 seed = 1337
@@ -254,6 +254,8 @@ def release_teacher():
         raise lost_teacher(e) from None
 
 
+if compile:  # the loss on both sides: a few fused passes over the (B, T, vocab) logits instead of about ten in fp32
+    kl_loss, teacher_targets = torch.compile(kl_loss), torch.compile(teacher_targets)
 if is_teacher_rank:
     teacher_model = load_or_exit("teacher", load_hf_model, teacher or base, dtype=ptdtype)
     teacher_model = teacher_model.to(device).eval().requires_grad_(False)
@@ -350,8 +352,6 @@ if stage == 2 and teacher_ranks == 0:
 if compile:  # fuses the time-mixers' many small elementwise ops: a stage-2 step of the SmolLM2 hybrid went from
     # 1.88x to 1.42x the teacher's own training step (H200, batch 16 x 512). In place: names keep no prefix.
     model.compile_time_mixers()
-    # the loss too: a few fused passes over the (B, T, vocab) logits instead of about ten in fp32
-    kl_loss, teacher_targets = torch.compile(kl_loss), torch.compile(teacher_targets)
 raw_model = model  # unwrapped (under FSDP the sharded root itself): eval, saving
 if distributed and parallel == "fsdp":
     from torch.distributed.device_mesh import DeviceMesh
