@@ -265,7 +265,7 @@ def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
 
 def bench_pretrain(device, n_layer=12, n_embd=768, vocab=65536, batch=16, ctx=512, compile=True, steps=20):
     """The step of train_pretrain.py (bf16 autocast, cross-entropy + L2Wrap, clipping, fused AdamW) on random tokens:
-    ms/step, tok/s and peak memory, after 8 warm-up steps (compilation included)."""
+    ms/step, tok/s, MFU (known GPUs) and peak memory, after 8 warm-up steps (compilation included)."""
     from model import RWKV, RWKVConfig
     cuda = device.startswith("cuda")
     torch.manual_seed(0)
@@ -298,10 +298,12 @@ def bench_pretrain(device, n_layer=12, n_embd=768, vocab=65536, batch=16, ctx=51
         step()
     sync()
     ms = (time.perf_counter() - t0) / steps * 1000
-    peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if cuda else "n/a"
+    memory = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if cuda else "n/a"
+    gpu, tok_s = torch.cuda.get_device_name() if cuda else "CPU", batch * ctx / ms * 1000
+    peak = model.peak_bf16_flops(gpu) if cuda else None
+    mfu = f", MFU {100 * m.flops_per_token() * tok_s / peak:.1f}%" if peak else ""
     print(f"pretraining step, L{n_layer}-D{n_embd} vocab {vocab}, batch {batch} x {ctx}, compile={compile}, "
-          f"{torch.cuda.get_device_name() if cuda else 'CPU'}: {ms:.1f} ms/step, {batch * ctx / ms * 1000:,.0f} tok/s, "
-          f"peak {peak}")
+          f"{gpu}: {ms:.1f} ms/step, {tok_s:,.0f} tok/s{mfu}, peak {memory}")
 
 
 def bench_decode(device, n_layer=12, n_embd=768, steps=256, prompt_len=16):

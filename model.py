@@ -433,6 +433,12 @@ def check_ids(idx, vocab_size):
                          f"[0, {vocab_size})")
 
 
+def peak_bf16_flops(gpu_name):
+    """Dense bf16 peak FLOP/s of a few GPUs, for MFU; None for the others."""
+    table = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+    return next((flops for name, flops in table if name in gpu_name), None)
+
+
 def compile_in_place(module, backend="inductor"):
     """module.compile(), without Inductor's mix-order reduction: on the GPU (torch 2.10, 2.11) it can fuse a
     LayerNorm's backward with the gradient sums of the [1, 1, C] mixes after it and return those gradients as [C],
@@ -467,6 +473,11 @@ class RWKV(nn.Module):
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
         return n - self.emb.weight.numel() - self.head.weight.numel() if non_embedding else n
+
+    def flops_per_token(self):
+        """Training FLOPs per token, for MFU: 6 per weight of every matmul, head included, embedding lookup not. The
+        WKV state update (~36 * L * C * head_size, ~3% at L12-D768) is left out, as attention often is."""
+        return 6 * (self.num_params(non_embedding=False) - self.emb.weight.numel())
 
     def forward(self, idx, targets=None, state=None, last_only=False):
         """idx (B, T) token ids -> (logits (B, T, V), loss or None, new state).

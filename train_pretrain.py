@@ -26,7 +26,7 @@ from configurator import ConfigError, check, configure, exit_on_config_error
 from data.binidx import BinIdx, check_magic_prime, load_meta, open_dataset, sample_offset
 from data.binidx import magic_prime as find_magic_prime
 from lora import add_lora, merge_state_dict
-from model import RWKV, RWKVConfig, all_reduce_grads, ctx_warmup_len
+from model import RWKV, RWKVConfig, all_reduce_grads, ctx_warmup_len, peak_bf16_flops
 
 # -----------------------------------------------------------------------------
 # default config: the authors' L12-D768 MiniPile demo (reference §3.1); config files and --key=value override it
@@ -220,9 +220,7 @@ print0(f"config: {config}")
 n_params = sum(p.numel() for p in model.parameters())
 print0(f"model L{n_layer}-D{n_embd} vocab {vocab_size}: {n_params / 1e6:.2f}M parameters | {tokens_per_step:,} "
        f"tokens/step, {max_iters:,} steps | sampler: {f'magic prime {magic_prime}' if magic_prime > 0 else 'random windows'}")
-# training FLOPs per token: 6 per weight of every matmul, head included, embedding lookup not; the WKV state
-# update (~36 * L * C * head_size, ~3% at L12-D768) is left out, as attention often is
-flops_per_token = 6 * (n_params - model.emb.weight.numel())
+flops_per_token = model.flops_per_token()  # for MFU
 
 # -----------------------------------------------------------------------------
 # model on the device and wrapped, optimizer, resume state
@@ -375,9 +373,7 @@ for s in (signal.SIGINT, signal.SIGTERM):
 # -----------------------------------------------------------------------------
 # logging: train_log.txt in the authors' format, wandb, the bar
 steps_per_epoch = epoch_samples // samples_per_step
-# dense bf16 peak FLOP/s for MFU; none on CPU or on GPUs missing from this short table (then no MFU is shown)
-peak = next((f for k, f in (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12))
-             if k in gpu), None) if device_type == 'cuda' else None
+peak = peak_bf16_flops(gpu) if device_type == 'cuda' else None  # None: no MFU shown
 if master:
     train_log = open(os.path.join(out_dir, 'train_log.txt'), 'a')
     train_log.write(f"NEW RUN {datetime.datetime.now():%Y-%m-%d-%H-%M-%S}\n{config}\n"), train_log.flush()
