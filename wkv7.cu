@@ -35,6 +35,7 @@
 
 #ifndef WKV7_EMU
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
 #include <mma.h>
 #endif
 #include <type_traits>
@@ -161,14 +162,17 @@ __device__ void load_keys(const Args& p, int bb, int h, int t0, float* RA, float
     st4s(KB + (L + t) * LDN + j, b), st4s(LAM + t * LDN + j, w);
   }
 }
-// Value-indexed chunk rows (v, dy) of this block's NV rows -> dst[t][i]; steps past T are zeros.
-template <int NV, int NTH>
-__device__ void load_rows(const Args& p, const bf16* x, int bb, int h, int t0, int row0, float* dst, int ld) {
+// Value-indexed chunk rows of this block's NV rows, NR arrays at once (v; dy): xs[x] -> dst[x][t][i]; steps past
+// T are zeros. All NR loads are in flight before the first store (one wait for memory, not NR).
+template <int NV, int NTH, int NR>
+__device__ void load_rows(const Args& p, const bf16* const (&xs)[NR], int bb, int h, int t0, int row0,
+                          float* const (&dst)[NR], int ld) {
   for (int e = threadIdx.x; e < L * NV / 4; e += NTH) {
     const int t = e / (NV / 4), i = e % (NV / 4) * 4, tt = t0 + t;
-    float f[4] = {};
-    if (tt < p.T) ld4(x + idx(p, bb, tt, h) + row0 + i, f);
-    st4s(dst + t * ld + i, f);
+    float f[NR][4] = {};
+    if (tt < p.T)
+      for (int x = 0; x < NR; x++) ld4(xs[x] + idx(p, bb, tt, h) + row0 + i, f[x]);
+    for (int x = 0; x < NR; x++) st4s(dst[x] + t * ld + i, f[x]);
   }
 }
 template <int NV, int NTH>
@@ -182,6 +186,15 @@ __device__ void store_rows(const Args& p, bf16* x, int bb, int h, int t0, int ro
     }
   }
 }
+// NV rows of an N x N fp32 state from global memory to shared memory as asynchronous copies: the loads after it go
+// out without waiting for these, and async_state_wait() (then a barrier) waits once for all.
+template <int NV, int NTH>
+__device__ void async_state(float* smem_rows, const float* g) {
+  for (int e = threadIdx.x; e < NV * N / 4; e += NTH)
+    __pipeline_memcpy_async(smem_rows + e / (N / 4) * LDN + e % (N / 4) * 4, g + e / (N / 4) * N + e % (N / 4) * 4, 16);
+  __pipeline_commit();
+}
+__device__ __forceinline__ void async_state_wait() { __pipeline_wait_prior(0); }
 // NV rows of an N x N fp32 state between global memory (row length N) and shared memory (row length LDN).
 template <int NV, bool TO_SMEM, int NTH>
 __device__ void copy_state(float* smem_rows, float* g) {
@@ -256,7 +269,7 @@ __global__ void __launch_bounds__(NT, WKV7_FWD_MINB) wkv7_forward(Args p, const 
     if (c) store_rows<NV, NTH>(p, y, bb, h, t0 - L, row0, YX, LDV);
     copy_state<NV, false, NTH>(S, ckpt + ((size_t)bh * (nC + 1) + c) * N * N + row0 * N);
     load_keys<NTH>(p, bb, h, t0, RA, KB, LG);
-    load_rows<NV, NTH>(p, p.v, bb, h, t0, row0, VU, LDV);
+    load_rows<NV, NTH, 1>(p, {p.v}, bb, h, t0, row0, {VU}, LDV);
     __syncthreads();
     decay_factors<NTH>(LG, RA, KB, KBb, GL, nullptr);
     __syncthreads();
@@ -344,10 +357,10 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
   for (int c = nC - 1; c >= 0; c--) {
     const int t0 = c * L;
     __syncthreads(); WKV7_PROF(0);
+    async_state<NV, NTH>(S0, ck + (size_t)c * N * N);  // first: in flight during the loads below
     load_keys<NTH>(p, bb, h, t0, RA, KB, LG);  // LG: lambda for now
-    load_rows<NV, NTH>(p, p.v, bb, h, t0, row0, VU, LDV);
-    load_rows<NV, NTH>(p, dy, bb, h, t0, row0, dYX, LDV);
-    copy_state<NV, true, NTH>(S0, const_cast<float*>(ck) + (size_t)c * N * N);
+    load_rows<NV, NTH, 2>(p, {p.v, dy}, bb, h, t0, row0, {VU, dYX}, LDV);
+    async_state_wait();
     __syncthreads(); WKV7_PROF(1);
     if (threadIdx.x < N) {  // g_t = cumulative lambda, in place; G_L
       float g = 0.f;

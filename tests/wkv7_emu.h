@@ -23,6 +23,10 @@ inline std::barrier<>* emu_block_barrier;
 inline std::vector<std::barrier<>*> emu_warp_barriers;
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 inline void __syncwarp() { emu_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+// asynchronous global -> shared copies: done at once here, so a missing wait shows only on the GPU
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
+inline void __pipeline_commit() {}
+inline void __pipeline_wait_prior(size_t) {}
 inline float emu_lanes[1024];  // one slot per thread of the block: __shfl_xor_sync goes through it
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {  // every lane of the warp calls it, as on the GPU
   emu_lanes[threadIdx.x] = v;
