@@ -81,6 +81,10 @@ struct __align__(8) bf16x4 { bf16 x[4]; };
 // 4 floats to shared memory in one 16-byte store (4 scalar stores from a warp's 32 threads would be a 4-way bank
 // conflict: their addresses are 16 bytes apart)
 __device__ __forceinline__ void st4s(float* p, const float* o) { *reinterpret_cast<float4*>(p) = make_float4(o[0], o[1], o[2], o[3]); }
+// pairs: 2 floats in shared memory, 2 bf16 in global memory (8 and 4 bytes, one access each)
+__device__ __forceinline__ float2 ld2s(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ void st2s(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+__device__ __forceinline__ float2 ld2(const bf16* p) { return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p)); }
 __device__ __forceinline__ void ld4(const bf16* p, float* o) {
   bf16x4 u = *reinterpret_cast<const bf16x4*>(p);
   for (int q = 0; q < 4; q++) o[q] = __bfloat162float(u.x[q]);
@@ -305,6 +309,11 @@ __device__ __forceinline__ void put(bf16* out, float* acc, size_t o, float x) {
   if (G == 1) out[o] = __float2bfloat16_rn(x);
   else atomicAdd(acc + o, x);
 }
+template <int G>  // 2 consecutive keys
+__device__ __forceinline__ void put2(bf16* out, float* acc, size_t o, float x0, float x1) {
+  if (G == 1) *reinterpret_cast<__nv_bfloat162*>(out + o) = __floats2bfloat162_rn(x0, x1);
+  else atomicAdd(acc + o, x0), atomicAdd(acc + o + 1, x1);
+}
 
 // Column sums of this block's rows of dS * S (d log G_L of a chunk, with S its end state and dS the gradient there).
 // Four lanes of a warp share a column (lane / 8 = part q takes rows 8m + 2q and 8m + 2q + 1: with rows N + 4 floats
@@ -401,22 +410,24 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
     __syncthreads(); WKV7_PROF(8);
     float* LAM = M;  // M and D are free from here on: this chunk's lambda, for dw below (w is read here, by all threads)
     const float dgl = threadIdx.x < N ? DGL[threadIdx.x] : 0.f;  // read now: dgl_sums rewrites DGL next to the dw loop
-    for (int e = threadIdx.x; e < L * N; e += NTH) {  // chain rule through the G factors
-      const int t = e / N, j = e % N, tt = t0 + t;
-      const float w = tt < p.T ? __bfloat162float(p.w[idx(p, bb, tt, h) + j]) : 0.f;  // before any store
-      LAM[t * N + j] = LOG_DECAY_SCALE / (1.f + __expf(-w));
-      const float g = LG[t * LDN + j], gp = t ? LG[(t - 1) * LDN + j] : 0.f;
+    for (int e = threadIdx.x; e < L * N / 2; e += NTH) {  // chain rule through the G factors, 2 keys per thread
+      const int t = e / (N / 2), j = e % (N / 2) * 2, tt = t0 + t;
       const int r_ = t * LDN + j, a_ = (L + t) * LDN + j;  // rows of r, k (first half) and a, b (second half)
-      const float dR = dRA[r_], dA = dRA[a_], dK = dKB[r_], dB = dKB[a_], inv = __expf(-g);
+      const float2 zero = make_float2(0.f, 0.f), g = ld2s(LG + t * LDN + j), gp = t ? ld2s(LG + (t - 1) * LDN + j) : zero;
+      const float2 w = tt < p.T ? ld2(p.w + idx(p, bb, tt, h) + j) : zero;  // before any store
+      const float2 dR = ld2s(dRA + r_), dA = ld2s(dRA + a_), dK = ld2s(dKB + r_), dB = ld2s(dKB + a_);
+      const float inv0 = __expf(-g.x), inv1 = __expf(-g.y);
       if (tt < p.T) {
         const size_t o = idx(p, bb, tt, h) + j;
-        put<G>(dr, gacc, o, dR * __expf(g));
-        put<G>(dk, gacc + 2 * BTHN, o, dK * inv);
-        put<G>(da, gacc + 3 * BTHN, o, dA * __expf(gp));
-        put<G>(db, gacc + 4 * BTHN, o, dB * inv);
+        put2<G>(dr, gacc, o, dR.x * __expf(g.x), dR.y * __expf(g.y));
+        put2<G>(dk, gacc + 2 * BTHN, o, dK.x * inv0, dK.y * inv1);
+        put2<G>(da, gacc + 3 * BTHN, o, dA.x * __expf(gp.x), dA.y * __expf(gp.y));
+        put2<G>(db, gacc + 4 * BTHN, o, dB.x * inv0, dB.y * inv1);
       }
-      dRA[r_] = dR * RA[r_] - dK * KB[r_] - dB * KB[a_];  // d g_t terms: e_t at t, f_t at t-1
-      dRA[a_] = dA * RA[a_];
+      const float2 R = ld2s(RA + r_), A = ld2s(RA + a_), K = ld2s(KB + r_), Bb = ld2s(KB + a_);
+      st2s(LAM + t * N + j, LOG_DECAY_SCALE / (1.f + __expf(-w.x)), LOG_DECAY_SCALE / (1.f + __expf(-w.y)));
+      st2s(dRA + r_, dR.x * R.x - dK.x * K.x - dB.x * Bb.x, dR.y * R.y - dK.y * K.y - dB.y * Bb.y);  // d g_t terms:
+      st2s(dRA + a_, dA.x * A.x, dA.y * A.y);                                                         // e_t, f_{t-1}
     }
     __syncthreads(); WKV7_PROF(9);
     if (threadIdx.x < N) {  // d lambda_s = sum_{t >= s} d g_t (+ d log G_L for all s); dw = d lambda * d lambda / dw

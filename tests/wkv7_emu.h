@@ -47,6 +47,11 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {  // round to nearest even (n
   const unsigned u = __float_as_uint(f);
   return __nv_bfloat16{(uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16)};
 }
+struct alignas(8) float2 { float x, y; };
+inline float2 make_float2(float a, float b) { return {a, b}; }
+struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
+inline float2 __bfloat1622float2(__nv_bfloat162 h) { return {__bfloat162float(h.x), __bfloat162float(h.y)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)}; }
 namespace nvcuda { namespace wmma {
 struct row_major {}; struct col_major {}; struct matrix_a {}; struct matrix_b {}; struct accumulator {};
 namespace precision { struct tf32 {}; }
