@@ -191,9 +191,15 @@ def _wkv7_build(N):
     return ops.forward.default, ops.backward.default, ops.chunk_len()
 
 
+def kernel_has_head_size(N):
+    return N == 64 or not torch.version.hip  # wkv7.cu: any multiple of 16 up to 128; wkv7_hip.cpp: 64 only
+
+
 def wkv7_ops(N):
     """The head-size-N kernel ops, built at first use. compile_in_place builds them before tracing: a build met
     while tracing is a graph break, and torch 2.11 then failed (garbage view sizes) in the partial graph's outputs."""
+    if not kernel_has_head_size(N):
+        raise ValueError(f"the ROCm kernel (wkv7_hip.cpp) has head size 64 only, not {N}: use wkv_impl='torch'")
     if N not in _WKV7_OPS:
         _WKV7_OPS[N] = _wkv7_build(N)
     return _WKV7_OPS[N]
@@ -224,16 +230,15 @@ class _WKV7Kernel(torch.autograd.Function):
         return (*grads, ds0)
 
 
-def kernel_has_head_size(N):
-    return N == 64 or not torch.version.hip  # wkv7.cu: any multiple of 16 up to 128; wkv7_hip.cpp: 64 only
+def runs_kernel(impl, on_gpu, N):
+    """Whether wkv7() takes the GPU kernel: always for 'kernel', on the GPU at a kernel head size for 'auto'."""
+    return impl == "kernel" or (impl == "auto" and on_gpu and kernel_has_head_size(N))
 
 
 def wkv7_kernel(r, w, k, v, a, b, state=None):
     """wkv7() on the GPU kernels (wkv7.cu on CUDA, wkv7_hip.cpp on ROCm): inputs go in as bf16, y comes back in
     r's dtype, the state is fp32. Differentiable in all seven inputs."""
     B, T, H, N = r.shape
-    if not kernel_has_head_size(N):
-        raise ValueError(f"the ROCm kernel (wkv7_hip.cpp) has head size 64 only, not {N}: use wkv_impl='torch'")
     wkv7_ops(N)
     s0 = r.new_zeros(B, H, N, N, dtype=torch.float32) if state is None else state.float().contiguous()
     if T == 0:
@@ -255,7 +260,7 @@ def wkv7(r, w, k, v, a, b, state=None, impl="auto", part_len=0):
             y, state = wkv7(*(x[:, t:t + part_len] for x in (r, w, k, v, a, b)), state, impl)
             ys.append(y)
         return torch.cat(ys, dim=1), state
-    if impl == "kernel" or (impl == "auto" and r.is_cuda and kernel_has_head_size(r.shape[-1])):
+    if runs_kernel(impl, r.is_cuda, r.shape[-1]):
         return wkv7_kernel(r, w, k, v, a, b, state)
     if r.shape[1] == 1:  # one-token decoding step
         y, state = wkv7_sequential(r, w, k, v, a, b, state)
@@ -450,8 +455,7 @@ def compile_in_place(module, backend="inductor"):
     # limit of 8 the rest silently ran eager (L12: 4 of 12 blocks)
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
     for mixer in module.modules():  # kernels first (see wkv7_ops)
-        if isinstance(mixer, TimeMix) and kernel_has_head_size(mixer.head_size) and (
-                mixer.wkv_impl == "kernel" or mixer.wkv_impl == "auto" and mixer.x_r.is_cuda):
+        if isinstance(mixer, TimeMix) and runs_kernel(mixer.wkv_impl, mixer.x_r.is_cuda, mixer.head_size):
             wkv7_ops(mixer.head_size)
     off = backend == "inductor" and hasattr(inductor_config.triton, "mix_order_reduction")  # not in older torch
     module.compile(backend=backend, options={"triton.mix_order_reduction": False} if off else None)

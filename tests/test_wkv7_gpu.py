@@ -19,17 +19,11 @@ def inputs(B, T, H, N=64, w_range=(-8.0, 8.0), seed=0):
     return wkv7_inputs(B, T, H, N, w_range, seed, device="cuda")
 
 
-def ops(N=64):
-    if N not in model._WKV7_OPS:
-        model._WKV7_OPS[N] = model._wkv7_build(N)
-    return model._WKV7_OPS[N]
-
-
 def run_ops(xs, s0, dy, dsT, rows_per_block=0):
     """The two kernel ops called directly, every output poisoned with NaN first."""
     B, T, H, N = xs[0].shape
     nan = lambda *s, dtype=torch.float32: torch.full(s, float("nan"), device="cuda", dtype=dtype)  # noqa: E731
-    fwd, bwd, L = ops(N)
+    fwd, bwd, L = model.wkv7_ops(N)
     y, sT, ckpt = nan(B, T, H, N, dtype=torch.bfloat16), nan(B, H, N, N), nan(B, H, (T + L - 1) // L + 1, N, N)
     fwd(*xs, s0, y, sT, ckpt, rows_per_block)
     grads = [nan(B, T, H, N, dtype=torch.bfloat16) for _ in range(6)] + [nan(B, H, N, N)]
@@ -146,7 +140,7 @@ def test_compiled_training_step(monkeypatch):
     """The L12 pretraining step's path on a small model: blocks compiled with Inductor before the kernel is loaded
     (compile_in_place loads it first; a load met while tracing was a graph break that torch 2.11 then failed in,
     with garbage view sizes), bf16 autocast, backward: the eager loss and gradients, up to bf16 rounding."""
-    loaded = ops()
+    loaded = model.wkv7_ops(64)
     monkeypatch.setattr(model, "_WKV7_OPS", {})  # as in a fresh process, where the load is a dynamo-disabled call
     monkeypatch.setattr(model, "_wkv7_build", torch.compiler.disable(lambda N: loaded))
     nets = []
