@@ -262,6 +262,25 @@ def test_compiled_blocks_match_eager(backend="aot_eager"):
         assert rel_err(grads[name].grad, p.grad) <= 1e-5, name
 
 
+def test_compiled_loss_matches_eager():
+    """compile_blocks also compiles the loss (cross-entropy + L2Wrap): the same value and logit gradients, ignored
+    targets included, as eager, to 1e-6; the gradient's largest entries are L2Wrap's push, so a lost push fails."""
+    import model
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 24, 64, generator=g) * 3).requires_grad_()
+    targets = torch.randint(0, 64, (2, 24), generator=g)
+    targets[0, :5] = -1
+    losses, grads = [], []
+    for loss_fn in (model.lm_loss, model.compiled_lm_loss):
+        losses.append(loss_fn(logits, targets))
+        grads.append(torch.autograd.grad(losses[-1], logits)[0])
+    assert abs(losses[1].item() - losses[0].item()) <= 1e-6
+    assert rel_err(grads[1], grads[0]) <= 1e-6
+    push = grads[0] - torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1),
+                                          logits)[0]
+    assert push.abs().max() > 1e-6  # L2Wrap is in the compared gradient
+
+
 def test_every_block_compiles():
     """Blocks differ in a static layer_id: one compilation each. Past dynamo's default recompile limit (8) the
     rest used to run eager without an error; compile_in_place raises the limit."""
