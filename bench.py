@@ -4,7 +4,8 @@ Speed of the WKV7 implementations, measured by a script rather than by tests.
     python bench.py                 # the GPU table on a CUDA machine, the CPU comparison otherwise
     python bench.py --device=cpu    # chunked PyTorch WKV vs the sequential loop at B=2, T=1024, C=256
     python bench.py --distill       # a distillation step of a SmolLM2-shaped hybrid vs the teacher's training step
-    python bench.py --pretrain      # an L12-D768 pretraining step, ctx 512, batch 16, blocks compiled (--no-compile)
+    python bench.py --pretrain      # an L12-D768 pretraining step, ctx 512, batch 16, blocks compiled (--no-compile;
+                                    # --cuda-graph: forward + backward replayed from a CUDA graph)
     python bench.py --sweep         # GPU: also time every rows-per-block setting of the kernel (tuning)
     python bench.py --phases        # GPU: cycles of each phase of the kernel's backward (a -DWKV7_PROFILE build)
     python bench.py --no-fla        # GPU: skip fla's chunk_rwkv7 even when it is importable
@@ -263,9 +264,11 @@ def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
         print(f"{name:<24}{ms:>9.1f} ms {batch * ctx / ms * 1000:>10,.0f} tok/s {gb:>6.1f} GB")
     print(f"ratio {rows[0][1] / rows[1][1]:.2f} (target <= 1.5)")
 
-def bench_pretrain(device, n_layer=12, n_embd=768, vocab=65536, batch=16, ctx=512, compile=True, steps=20):
+def bench_pretrain(device, n_layer=12, n_embd=768, vocab=65536, batch=16, ctx=512, compile=True, steps=20,
+                   cuda_graph=False):
     """The step of train_pretrain.py (bf16 autocast, cross-entropy + L2Wrap, clipping, fused AdamW) on random tokens:
-    ms/step, tok/s, MFU (known GPUs) and peak memory, after 8 warm-up steps (compilation included)."""
+    ms/step, tok/s, MFU (known GPUs) and peak memory, after 8 warm-up steps (compilation included). cuda_graph:
+    forward + backward replayed from a CUDA graph, as train_pretrain.py --cuda_graph=True does."""
     from model import RWKV, RWKVConfig
     cuda = device.startswith("cuda")
     torch.manual_seed(0)
@@ -275,15 +278,22 @@ def bench_pretrain(device, n_layer=12, n_embd=768, vocab=65536, batch=16, ctx=51
         m.compile_blocks()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-18, fused=cuda)
     x = torch.randint(0, vocab, (batch, ctx + 1), device=device)
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=not cuda_graph) if cuda else \
+        torch.autocast("cpu", enabled=False)
+
+    def micro_step(inputs, targets):
+        with autocast:
+            loss = m(inputs, targets)[1]
+        loss.backward()
+        return loss.detach()
+
+    graphed = model.CUDAGraphStep(micro_step, m.parameters(), x[:, :-1], x[:, 1:]) if cuda_graph else None
 
     def step():
-        with autocast:
-            loss = m(x[:, :-1], x[:, 1:])[1]
-        loss.backward()
+        (graphed or micro_step)(x[:, :-1], x[:, 1:])
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not cuda_graph)
 
     for _ in range(8 if cuda else 1):
         step()
@@ -299,11 +309,12 @@ def bench_pretrain(device, n_layer=12, n_embd=768, vocab=65536, batch=16, ctx=51
     sync()
     ms = (time.perf_counter() - t0) / steps * 1000
     memory = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if cuda else "n/a"
+    memory += " outside the graph's pool (its activations, allocated at capture, are not counted)" if cuda_graph else ""
     gpu, tok_s = torch.cuda.get_device_name() if cuda else "CPU", batch * ctx / ms * 1000
     peak = model.peak_bf16_flops(gpu) if cuda else None
     mfu = f", MFU {100 * m.flops_per_token() * tok_s / peak:.1f}%" if peak else ""
     print(f"pretraining step, L{n_layer}-D{n_embd} vocab {vocab}, batch {batch} x {ctx}, compile={compile}, "
-          f"{gpu}: {ms:.1f} ms/step, {tok_s:,.0f} tok/s{mfu}, peak {memory}")
+          f"cuda_graph={cuda_graph}, {gpu}: {ms:.1f} ms/step, {tok_s:,.0f} tok/s{mfu}, peak {memory}")
 
 
 def bench_decode(device, n_layer=12, n_embd=768, steps=256, prompt_len=16):
@@ -424,8 +435,9 @@ if __name__ == "__main__":
         bench_long(device, **(sizes | (dict(segment=seg) if seg else {})))
     elif "--decode" in sys.argv:
         bench_decode(device, **(dict(n_layer=2, n_embd=128, steps=16) if device == "cpu" else {}))
-    elif "--pretrain" in sys.argv:  # python bench.py --pretrain [--no-compile]
+    elif "--pretrain" in sys.argv:  # python bench.py --pretrain [--no-compile] [--cuda-graph]
         bench_pretrain(device, compile="--no-compile" not in sys.argv and device != "cpu",
+                       cuda_graph="--cuda-graph" in sys.argv and device != "cpu",
                        **(dict(n_layer=2, n_embd=64, vocab=256, batch=2, ctx=64, steps=2) if device == "cpu" else {}))
     elif "--distill" in sys.argv:  # python bench.py --distill [--no-compile]
         bench_distill(device, compile="--no-compile" not in sys.argv and device != "cpu",

@@ -461,6 +461,36 @@ def compile_in_place(module, backend="inductor"):
     module.compile(backend=backend, options={"triton.mix_order_reduction": False} if off else None)
 
 
+class CUDAGraphStep:
+    """A training micro-step, forward + backward, captured once as a CUDA graph and then replayed: one launch instead
+    of hundreds (the compiled L12-D768 step left the H200 idle for 20% of it between kernels). step(x, y) copies
+    x and y into the captured inputs (same shapes and dtypes every time) and returns the detached loss. The graph
+    adds into the .grad tensors that exist at capture, so after it never set them to None: zero_grad(set_to_none=
+    False). The optimizer step runs outside, as before."""
+
+    def __init__(self, micro_step, params, x, y, warmup=3):
+        self.micro_step, self.x, self.y = micro_step, x.clone(), y.clone()
+        self.params = [p for p in params if p.requires_grad]
+        for p in self.params:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        side = torch.cuda.Stream()  # warm-up off the default stream, as capture needs: compilation, lazy inits
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                micro_step(self.x, self.y)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = micro_step(self.x, self.y)
+        for p in self.params:  # the warm-up's gradients
+            p.grad.zero_()
+
+    def __call__(self, x, y):
+        self.x.copy_(x, non_blocking=True), self.y.copy_(y, non_blocking=True)
+        self.graph.replay()
+        return self.loss
+
+
 class RWKV(nn.Module):
 
     def __init__(self, config):

@@ -3,6 +3,7 @@ Pretrain RWKV-7 with its authors' recipe, on one process or under torchrun (DDP 
 
     python data/shakespeare_char/prepare.py && python train_pretrain.py config/shakespeare_char.py  # CPU, minutes
     python train_pretrain.py config/rwkv7_0.1b_minipile.py                                          # 1 GPU
+    python train_pretrain.py config/rwkv7_0.1b_minipile.py --compile=True --cuda_graph=True         # 1 GPU, fast
     torchrun --standalone --nproc_per_node=8 train_pretrain.py config/rwkv7_0.4b_pile.py --parallel=fsdp
     python train_pretrain.py config/shakespeare_char.py --init_from=resume  # after Ctrl+C, SIGTERM or exit_step
 
@@ -26,7 +27,7 @@ from configurator import ConfigError, check, configure, exit_on_config_error
 from data.binidx import BinIdx, check_magic_prime, load_meta, open_dataset, sample_offset
 from data.binidx import magic_prime as find_magic_prime
 from lora import add_lora, merge_state_dict
-from model import RWKV, RWKVConfig, all_reduce_grads, ctx_warmup_len, peak_bf16_flops
+from model import CUDAGraphStep, RWKV, RWKVConfig, all_reduce_grads, ctx_warmup_len, peak_bf16_flops
 
 # -----------------------------------------------------------------------------
 # default config: the authors' L12-D768 MiniPile demo (reference §3.1); config files and --key=value override it
@@ -88,6 +89,7 @@ lora_dropout = 0.0           # dropout on the LoRA input
 lora_parts = 'att,ffn,time,ln'  # att/ffn: LoRA on r/k/v/o and ffn key/value; time: mixes, w0/a0/v0..; ln: norms
 lora_layers = ''             # e.g. '0-3 20-23'; '' = every layer
 compile = False              # torch.compile each block (GPU)
+cuda_graph = False           # replay each micro-step's forward+backward as one CUDA graph (one GPU process; fixed ctx_len)
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -115,6 +117,10 @@ with exit_on_config_error():
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     check(device_type == 'cpu' or torch.cuda.is_available(), f"device={device!r} but CUDA is not available")
     dtype = ('bfloat16' if device_type == 'cuda' else 'float32') if dtype == 'auto' else dtype
+    check(not cuda_graph or (device_type == 'cuda' and world_size == 1 and not (state_cp or initial_ctx_len or
+                                                                                grad_checkpointing)),
+          "cuda_graph=True needs one CUDA process and state_cp, initial_ctx_len, grad_checkpointing off (fixed shapes, "
+          "no recomputation)")
 
     try:  # data first, so that a wrong path fails before a big model is built
         if os.path.isdir(data_dir):  # from data/*/prepare.py: train, val, meta.json
@@ -191,7 +197,9 @@ master = rank == 0
 random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)  # nothing below draws from these; saved anyway
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else contextlib.nullcontext()
+# no cast cache under a CUDA graph (PyTorch's rule for autocast with graphs: a cached cast can outlive its capture)
+ctx = torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=not cuda_graph) if dtype == 'bfloat16' \
+    else contextlib.nullcontext()
 if master:
     os.makedirs(out_dir, exist_ok=True)
 log_file = open(os.path.join(out_dir, 'log.txt'), 'a') if master else None
@@ -234,6 +242,14 @@ if ctx_parts > 1 and not state_cp:
 def loss_of(m, x, y):
     """The model's loss on (x, y): segment by segment with state checkpointing, else in one call."""
     return raw_model.forward_segments(x, y, part_len)[1] if state_cp else m(x, y)[1]
+
+def micro_step(x, y):
+    """Forward and backward of one micro-batch; returns the detached loss, already divided for accumulation."""
+    with ctx:
+        loss = loss_of(model, x, y) / gradient_accumulation_steps
+    loss.backward()
+    return loss.detach()
+graphed_step = None  # cuda_graph: a model.CUDAGraphStep
 # the authors' parameter groups, by name and before sharding: optim_groups' p.squeeze() fails on a DTensor sharded
 # along a size-1 dim (the [1, 1, C] mixes), and fully_shard keeps the names but replaces the parameters
 names = {p: n for n, p in raw_model.named_parameters()}
@@ -419,11 +435,12 @@ while True:
             model.require_backward_grad_sync = sync
         elif ddp and parallel == 'fsdp':
             model.set_requires_gradient_sync(sync)
-        with ctx:
-            loss = loss_of(model, x, y) / gradient_accumulation_steps
+        if cuda_graph and graphed_step is None:  # captured at the first step, replayed from then on
+            graphed_step = CUDAGraphStep(micro_step, model.parameters(), x, y)
+            print0("cuda_graph: captured one micro-step (forward + backward)")
+        loss = graphed_step(x, y) if cuda_graph else micro_step(x, y)
         x, y = train_batch(step + 1, 0) if sync else train_batch(step, micro + 1)  # prefetch while the GPU works
-        loss.backward()
-        loss_sum += loss.detach()
+        loss_sum += loss
     if ddp and parallel == 'ddp' and state_cp:
         all_reduce_grads(raw_model.parameters())
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
@@ -444,7 +461,7 @@ while True:
             print0(f"error: {bad_steps} non-finite steps in a row: lower learning_rate or check the data; "
                    f"the last checkpoint, if any, is {out_dir}/ckpt.pt")
             sys.exit(1)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not cuda_graph)  # the graph adds into the gradients it captured
     step, stop = step + 1, stop > 0
     dt = time.time() - t0
 

@@ -152,6 +152,7 @@ def test_torchrun_matches_single_process(shakespeare, single_process, tmp_path, 
     (["--ctx_len=200000"], "val split shorter than ctx_len 200000"),
     (["--init_from=resume"], "init_from='resume' but there is no"),
     (["--init_from=DATA/meta.json"], "is not a loadable RWKV-7 .pth file"),
+    (["--cuda_graph=True", "--device=cpu"], "cuda_graph=True needs one CUDA process"),
 ])
 def test_bad_input_is_one_line(shakespeare, tmp_path, args, message):
     (tmp_path / "typo.py").write_text("learning_rat = 1e-3\n")
