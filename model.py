@@ -966,7 +966,8 @@ class Hybrid(nn.Module):
 
     def forward(self, idx, targets=None, state=None, last_only=False, align=False):
         """Same contract as RWKV.forward: (logits, loss, new state). With align=True (stage 1, needs the teacher
-        attention) the residual stream is the teacher's and `loss` is the mean alignment loss over RWKV layers."""
+        attention) the residual stream is the teacher's and `loss` is the mean alignment loss over RWKV layers; the
+        layers after the last RWKV one and the head cannot change it, so they do not run: (None, loss, None)."""
         B, T = idx.shape
         check_ids(idx, self.config.vocab_size)
         inner = self.hf.model
@@ -989,7 +990,7 @@ class Hybrid(nn.Module):
             mask = mask.view(-1, 1, T, past + T).expand(B, 1, T, past + T)
         v_first, align_losses = None, []
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for i in range(len(inner.layers)):
+        for i in range(max(self.rwkv_layers, default=-1) + 1 if align else len(inner.layers)):
             own = new_state.rwkv if i in self.rwkv_layers else new_state.kv
             args = (i, x, own.get(i), v_first, past + T, mask, positions, rope, align)
             if checkpointing:
@@ -997,12 +998,12 @@ class Hybrid(nn.Module):
             else:
                 x, own[i], v_first, losses = self._layer(*args)
             align_losses += losses
+        if align:
+            return None, torch.stack(align_losses).mean(), None
         x = inner.norm(x)
         logits = self.hf.lm_head(x[:, -1:] if last_only else x)
         loss = None
-        if align:
-            loss = torch.stack(align_losses).mean()
-        elif targets is not None:
+        if targets is not None:
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
         return logits, loss, new_state
 
