@@ -461,27 +461,35 @@ def compile_in_place(module, backend="inductor"):
     module.compile(backend=backend, options={"triton.mix_order_reduction": False} if off else None)
 
 
+def capture_cuda_graph(fn, warmup=1):
+    """fn() run `warmup` times on a side stream (compilation, lazy inits, library handles: none of it may happen
+    while capturing), then one call captured as a CUDA graph: (graph, what that call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class CUDAGraphStep:
     """A training micro-step, forward + backward, captured once as a CUDA graph and then replayed: one launch instead
     of hundreds (the compiled L12-D768 step left the H200 idle for 20% of it between kernels). Calling it with
-    (x, y) copies them into the captured inputs (same shapes and dtypes every time) and returns the detached loss. The graph
-    adds into the .grad tensors that exist at capture, so after it never set them to None: zero_grad(set_to_none=
-    False). The optimizer step runs outside, as before."""
+    (x, y) copies them into the captured inputs (same shapes and dtypes every time) and returns the detached loss.
+    The graph adds into the .grad tensors that exist at capture, so after it never set them to None:
+    zero_grad(set_to_none=False). The optimizer step runs outside, as before. Under autocast, micro_step must turn
+    the cast cache off (cache_enabled=False), PyTorch's rule for autocast in CUDA graphs."""
 
     def __init__(self, micro_step, params, x, y, warmup=3):
         self.x, self.y = x.clone(), y.clone()
         self.params = [p for p in params if p.requires_grad]
         for p in self.params:
             p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-        side = torch.cuda.Stream()  # warm-up off the default stream, as capture needs: compilation, lazy inits
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                micro_step(self.x, self.y)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = micro_step(self.x, self.y)
+        self.graph, self.loss = capture_cuda_graph(lambda: micro_step(self.x, self.y), warmup)
         for p in self.params:  # the warm-up's gradients
             p.grad.zero_()
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from configurator import check, configure, exit_on_config_error
 from data.binidx import load_meta
 from data.tokenizers import get_tokenizer, is_partial
-from model import RWKV, Hybrid, HybridState
+from model import RWKV, Hybrid, HybridState, capture_cuda_graph
 
 # -----------------------------------------------------------------------------
 init_from = ''  # an official-layout .pth (the authors' releases, save_pretrained) or a directory with ckpt.pt
@@ -189,14 +189,7 @@ def graphed_step(model, state):
         for buf, t in zip(buffers, state_tensors(new)):
             buf.copy_(t)
         return logits[:, -1].float()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the graph (lazy inits, library handles)
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = run()
+    graph, logits = capture_cuda_graph(run)
     for buf, t in zip(buffers, state_tensors(state)):  # undo the warm-up's and the capture's steps
         buf.copy_(t)
 

@@ -360,9 +360,11 @@ if distributed and parallel == "fsdp":
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if ptdtype == torch.bfloat16 \
         else MixedPrecisionPolicy()
     for layer in model.hf.model.layers:  # one all-gather per decoder layer in forward and in backward
-        if stage == 1 and hasattr(layer.self_attn, "student"):  # a layer's output there is the teacher's, which needs no
-            fully_shard(layer.self_attn.student, mesh=mesh, mp_policy=mp)  # gradient: the student's own output must
-        fully_shard(layer, mesh=mesh, mp_policy=mp)                           # gather its weights again for backward
+        # stage 1: a layer's output is the teacher's and needs no gradient, so it would not gather the student's
+        # weights again for backward; sharded on its own, the student's output does
+        if stage == 1 and hasattr(layer.self_attn, "student"):
+            fully_shard(layer.self_attn.student, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)  # the root holds the embedding, final norm and head
 elif distributed and state_cp:  # no DDP wrapper: gradients averaged by all_reduce_grads; start from rank 0's weights
     for p in model.parameters():

@@ -89,7 +89,7 @@ lora_dropout = 0.0           # dropout on the LoRA input
 lora_parts = 'att,ffn,time,ln'  # att/ffn: LoRA on r/k/v/o and ffn key/value; time: mixes, w0/a0/v0..; ln: norms
 lora_layers = ''             # e.g. '0-3 20-23'; '' = every layer
 compile = False              # torch.compile each block (GPU)
-cuda_graph = False           # replay each micro-step's forward+backward as one CUDA graph (one GPU process; fixed ctx_len)
+cuda_graph = False           # replay each micro-step's forward+backward as one CUDA graph (one GPU process)
 seed = 1337
 # -----------------------------------------------------------------------------
 

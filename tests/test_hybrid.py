@@ -58,7 +58,8 @@ def test_align_mode_is_teacher_forced(teacher):
     idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(1))
     seen = {}  # (model, layer) -> (input, output) hidden states
     hooks = [layer.register_forward_hook(lambda m, args, out, key=(name, i): seen.__setitem__(key, (args[0], out)))
-             for name, model in (("hybrid", hybrid.hf), ("teacher", teacher)) for i, layer in enumerate(model.model.layers)]
+             for name, model in (("hybrid", hybrid.hf), ("teacher", teacher))
+             for i, layer in enumerate(model.model.layers)]
     hooks.append(hybrid.hf.lm_head.register_forward_hook(lambda *_: seen.__setitem__("head", True)))
     logits, loss, _ = hybrid(idx, align=True)
     with torch.no_grad():
