@@ -208,11 +208,13 @@ def bench_phases(runs=5):
             print(f"  {name:<34}{n / per_chunk_block:>8,.0f}{100 * n / total:>6.0f}%")
 
 
-def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
+def bench_distill(device, batch=16, ctx=512, layers=30, compile=True, cuda_graph=True):
     """A stage-2 distillation step of an all-RWKV SmolLM2-135M-shaped hybrid (teacher forward, KL, backward, fused
-    AdamW) against the teacher's own training step, same batch, bf16 autocast, random weights (timing only)."""
+    AdamW) against the teacher's own training step, same batch, bf16 autocast, random weights (timing only).
+    cuda_graph (CUDA): also both steps with forward + backward replayed from a CUDA graph, as train_distill.py
+    --cuda_graph=True does; the graph's memory, allocated at capture, counts in its peak."""
     import transformers
-    from model import Hybrid, kl_loss, teacher_targets
+    from model import CUDAGraphStep, Hybrid, kl_loss, teacher_targets
     cuda = device.startswith("cuda")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
@@ -227,28 +229,48 @@ def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
         kl_loss, teacher_targets = torch.compile(kl_loss), torch.compile(teacher_targets)
     base = transformers.AutoModelForCausalLM.from_config(cfg).to(device)
     x = torch.randint(0, cfg.vocab_size, (batch, ctx), device=device)
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     opt_h = torch.optim.AdamW(hybrid.parameters(), lr=1e-5, fused=cuda)
     opt_t = torch.optim.AdamW(base.parameters(), lr=1e-5, fused=cuda)
 
-    def hybrid_step():
-        with autocast:
+    def autocast(graph):  # a CUDA graph needs autocast's cast cache off
+        return torch.autocast("cuda", torch.bfloat16, cache_enabled=not graph) if cuda else \
+            torch.autocast("cpu", enabled=False)
+
+    def hybrid_micro(x, graph):
+        with autocast(graph):
             with torch.no_grad():
                 target = teacher_targets(teacher(x).logits, 0, 1.0)
             loss = kl_loss(hybrid(x)[0], target, torch.ones_like(x, dtype=torch.bool), 1.0)
         loss.backward()
-        opt_h.step()
-        opt_h.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    def teacher_step():
-        with autocast:
+    def teacher_micro(x, graph):
+        with autocast(graph):
             loss = base(x, labels=x).loss
         loss.backward()
-        opt_t.step()
-        opt_t.zero_grad(set_to_none=True)
+        return loss.detach()
 
+    def make_step(micro, model, opt, graph):
+        graphed = []  # captured at the first call (inside the timing's warm-up, so its memory counts)
+
+        def step():
+            if graph and not graphed:
+                graphed.append(CUDAGraphStep(lambda x, _: micro(x, True), model.parameters(), x, x))
+            if graph:
+                graphed[0](x, x)
+            else:
+                micro(x, False)
+            opt.step()
+            opt.zero_grad(set_to_none=not graph)
+        return step
+
+    steps = [("hybrid stage-2 step", make_step(hybrid_micro, hybrid, opt_h, False)),
+             ("teacher fwd+bwd+AdamW", make_step(teacher_micro, base, opt_t, False))]
+    if cuda and cuda_graph:
+        steps += [("hybrid, CUDA graph", make_step(hybrid_micro, hybrid, opt_h, True)),
+                  ("teacher, CUDA graph", make_step(teacher_micro, base, opt_t, True))]
     rows = []
-    for name, step in [("hybrid stage-2 step", hybrid_step), ("teacher fwd+bwd+AdamW", teacher_step)]:
+    for name, step in steps:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             ms = time_gpu(step, repeats=10)
@@ -263,6 +285,9 @@ def bench_distill(device, batch=16, ctx=512, layers=30, compile=True):
     for name, ms, gb in rows:
         print(f"{name:<24}{ms:>9.1f} ms {batch * ctx / ms * 1000:>10,.0f} tok/s {gb:>6.1f} GB")
     print(f"ratio {rows[0][1] / rows[1][1]:.2f} (target <= 1.5)")
+    if len(rows) == 4:
+        print(f"ratio, hybrid graphed / teacher eager {rows[2][1] / rows[1][1]:.2f}; both graphed "
+              f"{rows[2][1] / rows[3][1]:.2f}")
 
 def bench_pretrain(device, n_layer=12, n_embd=768, vocab=65536, batch=16, ctx=512, compile=True, steps=20,
                    cuda_graph=False):
@@ -439,8 +464,9 @@ if __name__ == "__main__":
         bench_pretrain(device, compile="--no-compile" not in sys.argv and device != "cpu",
                        cuda_graph="--cuda-graph" in sys.argv and device != "cpu",
                        **(dict(n_layer=2, n_embd=64, vocab=256, batch=2, ctx=64, steps=2) if device == "cpu" else {}))
-    elif "--distill" in sys.argv:  # python bench.py --distill [--no-compile]
+    elif "--distill" in sys.argv:  # python bench.py --distill [--no-compile] [--no-cuda-graph]
         bench_distill(device, compile="--no-compile" not in sys.argv and device != "cpu",
+                      cuda_graph="--no-cuda-graph" not in sys.argv,
                       **(dict(batch=1, ctx=32, layers=2) if device == "cpu" else {}))
     elif "--phases" in sys.argv:
         bench_phases()

@@ -479,7 +479,8 @@ def capture_cuda_graph(fn, warmup=1):
 class CUDAGraphStep:
     """A training micro-step, forward + backward, captured once as a CUDA graph and then replayed: one launch instead
     of hundreds (the compiled L12-D768 step left the H200 idle for 20% of it between kernels). Calling it with
-    (x, y) copies them into the captured inputs (same shapes and dtypes every time) and returns the detached loss.
+    (x, y) copies them into the captured inputs (same shapes and dtypes every time) and returns what micro_step
+    returned at capture (detached tensors, e.g. the loss), which each replay overwrites.
     The graph adds into the .grad tensors that exist at capture, so after it never set them to None:
     zero_grad(set_to_none=False). The optimizer step runs outside, as before. Under autocast, micro_step must turn
     the cast cache off (cache_enabled=False), PyTorch's rule for autocast in CUDA graphs."""
@@ -489,14 +490,14 @@ class CUDAGraphStep:
         self.params = [p for p in params if p.requires_grad]
         for p in self.params:
             p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-        self.graph, self.loss = capture_cuda_graph(lambda: micro_step(self.x, self.y), warmup)
+        self.graph, self.out = capture_cuda_graph(lambda: micro_step(self.x, self.y), warmup)
         for p in self.params:  # the warm-up's gradients
             p.grad.zero_()
 
     def __call__(self, x, y):
         self.x.copy_(x, non_blocking=True), self.y.copy_(y, non_blocking=True)
         self.graph.replay()
-        return self.loss
+        return self.out
 
 
 class RWKV(nn.Module):

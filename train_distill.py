@@ -10,7 +10,8 @@ Distil a pretrained transformer (Llama, Qwen2, Qwen3; SmolLM2 is Llama) into a h
   stage 3  SFT    cross-entropy on assistant tokens only, no teacher.
 
     python train_distill.py config/smollm2_135m.py                                  # stage 1
-    python train_distill.py config/smollm2_135m.py --stage=2 --init_from=out-smollm2/stage1/hybrid
+    python train_distill.py config/smollm2_135m.py --stage=2 --init_from=out-smollm2/stage1/hybrid \
+        --compile=True --cuda_graph=True                                                   # one GPU, fast
     torchrun --standalone --nproc_per_node=8 train_distill.py config/qwen_0.5b.py --stage=2 --teacher_ranks=2
 
 The teacher runs in this process, or on `teacher_ranks` extra ranks of the same torchrun job: each serves a group
@@ -36,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from configurator import StopFlag, check, configure, exit_on_config_error, start_run
 from data.chat import load_examples, load_tokenizer, pack
 from lora import add_lora_hybrid, merge_state_dict
-from model import Hybrid, all_reduce_grads, ctx_warmup_len, kl_loss, load_hf_model, teacher_targets
+from model import CUDAGraphStep, Hybrid, all_reduce_grads, ctx_warmup_len, kl_loss, load_hf_model, teacher_targets
 
 # -----------------------------------------------------------------------------
 # defaults (override with a config file and --key=value)
@@ -88,6 +89,7 @@ progress_bar = True
 device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # 'auto' = bf16 on CUDA, fp32 on CPU
 compile = False  # torch.compile the RWKV time-mixers and the KL loss (GPU)
+cuda_graph = False  # replay each micro-step (teacher forward, hybrid forward, loss, backward) as one CUDA graph
 parallel = "ddp"  # under torchrun: 'ddp', or 'fsdp' (FSDP2: fully_shard each decoder layer, then the root)
 grad_checkpointing = False
 seed = 1337
@@ -139,6 +141,9 @@ else:
 n_trainers = world - teacher_ranks
 with exit_on_config_error():
     check(n_trainers >= 1, f"teacher_ranks={teacher_ranks} leaves no trainer rank out of {world}")
+    check(not cuda_graph or (use_cuda and not distributed and not (state_cp or initial_ctx_len or grad_checkpointing)),
+          "cuda_graph=True needs one CUDA process (no torchrun) and state_cp, initial_ctx_len, grad_checkpointing off "
+          "(one fixed shape, captured once)")
 is_teacher_rank = rank >= n_trainers
 my_teacher = n_trainers + rank % teacher_ranks if teacher_ranks else None  # (trainer ranks)
 master = rank == 0
@@ -147,7 +152,8 @@ if use_cuda:
     torch.cuda.set_device(device)
 ptdtype = {"auto": torch.bfloat16 if use_cuda else torch.float32, "bf16": torch.bfloat16,
            "fp32": torch.float32}[dtype]
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and ptdtype == torch.bfloat16 else nullcontext()
+autocast = nullcontext() if not use_cuda or ptdtype != torch.bfloat16 else \
+    torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph)  # a CUDA graph needs the cache off
 trainer_group = dist.new_group(list(range(n_trainers))) if distributed else None
 torch.manual_seed(seed)  # the same on every rank: FSDP shards each rank's own init (DDP would broadcast)
 
@@ -392,18 +398,19 @@ def lr_at(step):
 
 
 def compute_loss(x, y, teacher_target=None, extra=False):
-    """The stage's loss and the terms to log. extra (stage 2, teacher in this process): also the teacher's CE and the
-    top-1 agreement of student and teacher on trained tokens, from the same forwards."""
+    """The stage's loss and the terms to log, as tensors (no value is read back: a CUDA graph can capture this).
+    extra (stage 2, teacher in this process): also the teacher's CE and the top-1 agreement of student and teacher on
+    trained tokens, from the same forwards."""
     with autocast:
         if stage == 1:
             _, loss, _ = model(x, align=True)
-            return loss, {"align": loss.item()}
+            return loss, {"align": loss.detach()}
         if state_cp:  # stage 3 only: no logits kept
             logits, ce, _ = raw_model.forward_segments(x, y, part_len)
         else:
             logits, ce, _ = model(x, y)
     if stage == 3:
-        return ce, {"ce": ce.item()}
+        return ce, {"ce": ce.detach()}
     terms = {}
     if teacher_target is None:
         with torch.no_grad(), autocast:
@@ -411,10 +418,24 @@ def compute_loss(x, y, teacher_target=None, extra=False):
         teacher_target = teacher_targets(teacher_logits, topk, kl_temperature)
         if extra:
             valid = y >= 0
-            terms["teacher_ce"] = F.cross_entropy(teacher_logits.float()[valid], y[valid]).item()
-            terms["agreement"] = (logits.argmax(-1) == teacher_logits.argmax(-1))[valid].float().mean().item()
+            terms["teacher_ce"] = F.cross_entropy(teacher_logits.float()[valid], y[valid])
+            terms["agreement"] = (logits.argmax(-1) == teacher_logits.argmax(-1))[valid].float().mean()
     kl = kl_loss(logits, teacher_target, y >= 0, kl_temperature)
-    return kl_weight * kl + ce_weight * ce, {"kl": kl.item(), "ce": ce.item(), **terms}
+    return kl_weight * kl + ce_weight * ce, {"kl": kl.detach(), "ce": ce.detach(), **terms}
+
+
+def micro_step(x, y, teacher_target=None):
+    """Forward and backward of one micro-batch; returns its loss terms (tensors, already weighted for accumulation
+    and, under torchrun, by this rank's share of the tokens)."""
+    loss, terms = compute_loss(x, y, teacher_target)
+    if distributed and stage > 1:  # token-weighted mean over ranks: DDP averages gradients, so weigh by our share
+        n_local = (y >= 0).sum().float()
+        n_total = n_local.clone()
+        dist.all_reduce(n_total, group=trainer_group)
+        share = n_local * n_trainers / n_total.clamp_min(1)
+        loss, terms = loss * share, {k: v * share for k, v in terms.items()}
+    (loss / grad_accum).backward()
+    return {k: v / grad_accum for k, v in terms.items()}
 
 
 @torch.no_grad()
@@ -426,7 +447,7 @@ def evaluate():
     for i in range(eval_batches):
         x, y = get_batch(i, 0, "val")
         loss, terms = compute_loss(x, y, ask_teacher(x) if stage == 2 and teacher_ranks else None, extra=True)
-        terms["loss"] = loss.item()
+        terms = {k: v.item() for k, v in terms.items()} | {"loss": loss.item()}
         n = float((y >= 0).sum()) if stage > 1 else float(y.numel())  # token-weighted, as in training
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v * n
@@ -475,6 +496,7 @@ if eval_only:
     sys.exit(0)
 model.train()
 bad_steps, t0, tokens_seen = 0, time.time(), 0
+graphed_step = None  # cuda_graph: a model.CUDAGraphStep
 while step < max_steps and not stop_flag.requested and not (exit_step and step >= exit_step):
     if step % eval_interval == 0 or step == max_steps - 1:
         ev = evaluate()
@@ -499,24 +521,21 @@ while step < max_steps and not stop_flag.requested and not (exit_step and step >
             model.set_requires_gradient_sync(micro == grad_accum - 1)
         elif distributed and not state_cp:
             model.require_backward_grad_sync = micro == grad_accum - 1
-        loss, terms = compute_loss(x, y, target)
-        if distributed and stage > 1:  # token-weighted mean over ranks: DDP averages gradients, so weigh by our share
-            n_local = (y >= 0).sum().float()
-            n_total = n_local.clone()
-            dist.all_reduce(n_total, group=trainer_group)
-            share = (n_local * n_trainers / n_total.clamp_min(1)).item()
-            loss, terms = loss * share, {k: v * share for k, v in terms.items()}
-        (loss / grad_accum).backward()
-        for k, v in terms.items():
-            terms_sum[k] = terms_sum.get(k, 0.0) + v / grad_accum
+        if cuda_graph and graphed_step is None:  # captured at the first step, replayed from then on
+            graphed_step = CUDAGraphStep(micro_step, params, x, y)
+            print0("cuda_graph: captured one micro-step (teacher and hybrid forward, loss, backward)")
+        terms = graphed_step(x, y) if cuda_graph else micro_step(x, y, target)
+        for k, v in terms.items():  # new tensors: a replay overwrites the graph's outputs
+            terms_sum[k] = terms_sum.get(k, 0.0) + v
     if distributed and parallel == "ddp" and state_cp:
         all_reduce_grads(params, trainer_group)
+    vals = torch.stack(list(terms_sum.values()))
     if distributed:  # log the mean over trainer ranks
-        vals = torch.tensor(list(terms_sum.values()), device=device)
         dist.all_reduce(vals, group=trainer_group)
-        terms_sum = dict(zip(terms_sum, (vals / n_trainers).tolist()))
+        vals = vals / n_trainers
+    terms_sum = dict(zip(terms_sum, vals.tolist()))  # the step's one read-back
     if not all(math.isfinite(v) for v in terms_sum.values()):  # never train on NaN/inf: drop this step's gradients; stop if it keeps happening
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not cuda_graph)  # the graph adds into the gradients it captured
         bad_steps += 1
         print0(f"step {step}: non-finite loss {terms_sum}, step skipped ({bad_steps} in a row)")
         if bad_steps >= 5:
@@ -528,7 +547,7 @@ while step < max_steps and not stop_flag.requested and not (exit_step and step >
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not cuda_graph)
     step += 1
     tokens_seen += global_batch * grad_accum * x.shape[1]
     if step % log_interval == 0 or step == max_steps:

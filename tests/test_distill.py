@@ -196,6 +196,7 @@ def test_exact_resume(tiny_teacher, chat_data, tmp_path):
     (["--learning_rat=1"], "error: unknown config key 'learning_rat' in --learning_rat=1 (did you mean 'learning_rate'?)"),
     (["--data=/nonexistent.jsonl"], "error: data file not found: '/nonexistent.jsonl'"),
     (["--stage=1", "--init_from=out/hybrid"], "error: stage 1 starts from the teacher"),
+    (["--cuda_graph=True", "--device=cpu"], "error: cuda_graph=True needs one CUDA process (no torchrun)"),
 ])
 def test_bad_input_is_one_line(tiny_teacher, chat_data, args, message):
     out = subprocess.run([sys.executable, "train_distill.py", "--device=cpu", f"--base={tiny_teacher}",
