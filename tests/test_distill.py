@@ -95,8 +95,9 @@ def test_topk_kl():
 
 
 def test_stage1_smollm2_two_layers(data_dir, chat_data, tmp_path):
-    """The real teacher, two attention layers replaced: the alignment loss halves within 50 steps."""
-    log = run([f"--base={os.path.join(data_dir, GGUF)}", "--rwkv_layers=[5, 20]", f"--data={chat_data}",
+    """The real teacher, two attention layers replaced: the alignment loss halves within 50 steps (measured: 0.572 ->
+    0.259). Early layers, so that align mode runs 6 of the 30 layers."""
+    log = run([f"--base={os.path.join(data_dir, GGUF)}", "--rwkv_layers=[2, 5]", f"--data={chat_data}",
                f"--out_dir={tmp_path}", "--ctx_len=64", "--batch_size=16", "--max_steps=50", "--warmup_steps=5",
                "--learning_rate=6e-3", "--lr_final=1e-3", "--eval_interval=1000", "--eval_batches=2",
                "--log_interval=10"])

@@ -256,12 +256,14 @@ def eval_accuracies(stdout):
 
 @pytest.mark.slow
 def test_grpo_raises_heldout_greedy_accuracy(arith, tmp_path):
+    """The CPU demo's first 50 steps (its lr is constant, so they are the demo's): held-out greedy accuracy rises by
+    at least 0.15 (measured: 0.395 -> 0.650 at step 50, 0.765 at step 100)."""
     r = grpo("config/grpo_arith_tiny.py", f"--init_from={arith}/sft", f"--train_prompts={arith}/train.jsonl",
-             f"--eval_prompts={arith}/test.jsonl", f"--out_dir={tmp_path}")
+             f"--eval_prompts={arith}/test.jsonl", f"--out_dir={tmp_path}", "--max_steps=50", "--save_interval=50")
     assert r.returncode == 0, r.stderr[-3000:]
     acc = eval_accuracies(r.stdout)
     print(r.stdout)
-    assert 0 < acc[0] < 0.5, acc  # the supervised start: low but not zero
+    assert len(acc) == 2 and 0 < acc[0] < 0.5, acc  # the supervised start: low but not zero
     assert acc[-1] >= acc[0] + 0.15, acc
     lines = [json.loads(line) for line in open(tmp_path / "completions.jsonl")]
     assert lines and {"prompt", "completion", "reward", "advantage"} <= set(lines[0])
