@@ -3,7 +3,9 @@ Speed of the WKV7 implementations, measured by a script rather than by tests.
 
     python bench.py                 # the GPU table on a CUDA machine, the CPU comparison otherwise
     python bench.py --device=cpu    # chunked PyTorch WKV vs the sequential loop at B=2, T=1024, C=256
-    python bench.py --distill       # a distillation step of a SmolLM2-shaped hybrid vs the teacher's training step
+    python bench.py --distill       # a distillation step of a SmolLM2-shaped hybrid vs the teacher's training step,
+                                    # each eager and replayed from a CUDA graph (--no-cuda-graph: eager only)
+    python bench.py --distill --profile   # GPU, with --pretrain too: + kernel time per step vs wall, by kernel group
     python bench.py --pretrain      # an L12-D768 pretraining step, ctx 512, batch 16, blocks compiled (--no-compile;
                                     # --cuda-graph: forward + backward replayed from a CUDA graph)
     python bench.py --sweep         # GPU: also time every rows-per-block setting of the kernel (tuning)
@@ -86,6 +88,34 @@ def time_gpu(fn, warmup=3, repeats=20):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+KERNEL_GROUPS = [("Triton (Inductor)", ("triton",)), ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas")),
+                 ("WKV", ("wkv",)), ("AdamW, clipping", ("adam", "multi_tensor", "foreach", "norm_kernel")),
+                 ("copies", ("copy", "memcpy", "memset", "fill"))]
+
+
+def profile_step(step, name, ms, steps=5):
+    """--profile: the GPU's busy time in `steps` calls of step() by torch.profiler, per step and grouped by kernel
+    name, as a share of the step's unprofiled time `ms` (the profiler slows the launches down, so its own wall time
+    is printed but not used): the rest of a step the GPU waits for Python to launch kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps * 1000
+    groups = {}
+    for event in prof.key_averages():
+        if event.self_device_time_total > 0:
+            group = next((g for g, keys in KERNEL_GROUPS if any(k in event.key.lower() for k in keys)), "other")
+            groups[group] = groups.get(group, 0.0) + event.self_device_time_total / steps / 1000
+    busy = sum(groups.values())
+    print(f"  {name}: {busy:.1f} ms of kernels = {100 * busy / ms:.0f}% of the {ms:.1f} ms step ({wall:.1f} ms "
+          f"profiled): "
+          + ", ".join(f"{g} {ms:.1f}" for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])))
 
 
 def fwd_bwd_fns(impl, leaves, dy):
@@ -208,7 +238,7 @@ def bench_phases(runs=5):
             print(f"  {name:<34}{n / per_chunk_block:>8,.0f}{100 * n / total:>6.0f}%")
 
 
-def bench_distill(device, batch=16, ctx=512, layers=30, compile=True, cuda_graph=True):
+def bench_distill(device, batch=16, ctx=512, layers=30, compile=True, cuda_graph=True, profile=False):
     """A stage-2 distillation step of an all-RWKV SmolLM2-135M-shaped hybrid (teacher forward, KL, backward, fused
     AdamW) against the teacher's own training step, same batch, bf16 autocast, random weights (timing only).
     cuda_graph (CUDA): also both steps with forward + backward replayed from a CUDA graph, as train_distill.py
@@ -274,6 +304,8 @@ def bench_distill(device, batch=16, ctx=512, layers=30, compile=True, cuda_graph
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             ms = time_gpu(step, repeats=10)
+            if profile:
+                profile_step(step, name, ms)
         else:  # the CPU run only checks that the code works: one warm-up, one timed step
             step()
             t0 = time.perf_counter()
@@ -289,8 +321,9 @@ def bench_distill(device, batch=16, ctx=512, layers=30, compile=True, cuda_graph
         print(f"ratio, hybrid graphed / teacher eager {rows[2][1] / rows[1][1]:.2f}; both graphed "
               f"{rows[2][1] / rows[3][1]:.2f}")
 
+
 def bench_pretrain(device, n_layer=12, n_embd=768, vocab=65536, batch=16, ctx=512, compile=True, steps=20,
-                   cuda_graph=False):
+                   cuda_graph=False, profile=False):
     """The step of train_pretrain.py (bf16 autocast, cross-entropy + L2Wrap, clipping, fused AdamW) on random tokens:
     ms/step, tok/s, MFU (known GPUs) and peak memory, after 8 warm-up steps (compilation included). cuda_graph:
     forward + backward replayed from a CUDA graph, as train_pretrain.py --cuda_graph=True does."""
@@ -340,6 +373,8 @@ def bench_pretrain(device, n_layer=12, n_embd=768, vocab=65536, batch=16, ctx=51
     mfu = f", MFU {100 * m.flops_per_token() * tok_s / peak:.1f}%" if peak else ""
     print(f"pretraining step, L{n_layer}-D{n_embd} vocab {vocab}, batch {batch} x {ctx}, compile={compile}, "
           f"cuda_graph={cuda_graph}, {gpu}: {ms:.1f} ms/step, {tok_s:,.0f} tok/s{mfu}, peak {memory}")
+    if profile and cuda:
+        profile_step(step, "pretraining step", ms)
 
 
 def bench_decode(device, n_layer=12, n_embd=768, steps=256, prompt_len=16):
@@ -460,13 +495,13 @@ if __name__ == "__main__":
         bench_long(device, **(sizes | (dict(segment=seg) if seg else {})))
     elif "--decode" in sys.argv:
         bench_decode(device, **(dict(n_layer=2, n_embd=128, steps=16) if device == "cpu" else {}))
-    elif "--pretrain" in sys.argv:  # python bench.py --pretrain [--no-compile] [--cuda-graph]
+    elif "--pretrain" in sys.argv:  # python bench.py --pretrain [--no-compile] [--cuda-graph] [--profile]
         bench_pretrain(device, compile="--no-compile" not in sys.argv and device != "cpu",
-                       cuda_graph="--cuda-graph" in sys.argv and device != "cpu",
+                       cuda_graph="--cuda-graph" in sys.argv and device != "cpu", profile="--profile" in sys.argv,
                        **(dict(n_layer=2, n_embd=64, vocab=256, batch=2, ctx=64, steps=2) if device == "cpu" else {}))
-    elif "--distill" in sys.argv:  # python bench.py --distill [--no-compile] [--no-cuda-graph]
+    elif "--distill" in sys.argv:  # python bench.py --distill [--no-compile] [--no-cuda-graph] [--profile]
         bench_distill(device, compile="--no-compile" not in sys.argv and device != "cpu",
-                      cuda_graph="--no-cuda-graph" not in sys.argv,
+                      cuda_graph="--no-cuda-graph" not in sys.argv, profile="--profile" in sys.argv,
                       **(dict(batch=1, ctx=32, layers=2) if device == "cpu" else {}))
     elif "--phases" in sys.argv:
         bench_phases()
