@@ -115,7 +115,7 @@ def profile_step(step, name, ms, steps=5):
     busy = sum(groups.values())
     print(f"  {name}: {busy:.1f} ms of kernels = {100 * busy / ms:.0f}% of the {ms:.1f} ms step ({wall:.1f} ms "
           f"profiled): "
-          + ", ".join(f"{g} {ms:.1f}" for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])))
+          + ", ".join(f"{group} {t:.1f}" for group, t in sorted(groups.items(), key=lambda kv: -kv[1])))
 
 
 def fwd_bwd_fns(impl, leaves, dy):
