@@ -487,11 +487,11 @@ class CUDAGraphStep:
 
     def __init__(self, micro_step, params, x, y, warmup=3):
         self.x, self.y = x.clone(), y.clone()
-        self.params = [p for p in params if p.requires_grad]
-        for p in self.params:
+        params = [p for p in params if p.requires_grad]
+        for p in params:
             p.grad = torch.zeros_like(p) if p.grad is None else p.grad
         self.graph, self.out = capture_cuda_graph(lambda: micro_step(self.x, self.y), warmup)
-        for p in self.params:  # the warm-up's gradients
+        for p in params:  # the warm-up's gradients
             p.grad.zero_()
 
     def __call__(self, x, y):

@@ -243,12 +243,15 @@ def loss_of(m, x, y):
     """The model's loss on (x, y): segment by segment with state checkpointing, else in one call."""
     return raw_model.forward_segments(x, y, part_len)[1] if state_cp else m(x, y)[1]
 
+
 def micro_step(x, y):
     """Forward and backward of one micro-batch; returns the detached loss, already divided for accumulation."""
     with ctx:
         loss = loss_of(model, x, y) / gradient_accumulation_steps
     loss.backward()
     return loss.detach()
+
+
 graphed_step = None  # cuda_graph: a model.CUDAGraphStep
 # the authors' parameter groups, by name and before sharding: optim_groups' p.squeeze() fails on a DTensor sharded
 # along a size-1 dim (the [1, 1, C] mixes), and fully_shard keeps the names but replaces the parameters
