@@ -61,15 +61,26 @@
 #ifndef WKV7_BWD_THREADS
 #define WKV7_BWD_THREADS 256
 #endif
+#ifndef WKV7_FWD_L
+#define WKV7_FWD_L 16
+#endif
+#ifndef WKV7_BWD_L
+#define WKV7_BWD_L 16
+#endif
+#ifndef WKV7_FWD_THREADS
+#define WKV7_FWD_THREADS 256
+#endif
 
 namespace wkv7 {
 using bf16 = __nv_bfloat16;
-constexpr int N = _N_, L = 16, NT = 256, NT_BWD = WKV7_BWD_THREADS;  // threads per block: forward, backward
-constexpr int LDN = N + 4, LD2 = 2 * L + 4, LDL = L + 4;  // padded row lengths of shared-memory tiles
+constexpr int N = _N_, NT = WKV7_FWD_THREADS, NT_BWD = WKV7_BWD_THREADS;  // threads per block: forward, backward
+// chunk lengths: the forward's, and the backward's (a multiple of it), which is also the spacing of the saved states
+constexpr int LF = WKV7_FWD_L, LB = WKV7_BWD_L;
+constexpr int LDN = N + 4;  // padded row length of shared-memory tiles; chunk-sized ones: 2 L + 4, L + 4
 constexpr int PB = WKV7_TF32X, PS = WKV7_TF32X_SMALL;     // tensor-core passes: state-sized, chunk-sized products
 constexpr int UNROLL = WKV7_UNROLL;                        // k-steps per iteration in mm
 constexpr float LOG_DECAY_SCALE = -0.6065306597126334f;    // lambda = LOG_DECAY_SCALE * sigmoid(w)
-static_assert(N % 16 == 0 && N <= NT && L * N % NT_BWD == 0 && L * N <= 4 * L * (2 * L + 4), "head size");  // LAM fits M, D
+static_assert(N % 16 == 0 && N <= NT && LB * N % NT_BWD == 0 && LB % LF == 0, "head size, chunk lengths");
 
 struct Args {
   const bf16 *r, *w, *k, *v, *a, *b;  // (B, T, H, N)
@@ -97,11 +108,11 @@ __device__ __forceinline__ void st4(bf16* p, const float* o) {
 
 // C (= or +=) op(A) op(B), fp32 tiles in shared memory, op(X) = X or X^T; M, Nn multiples of 16, K of 8.
 // PASSES = 1: tf32. PASSES = 3: split tf32 (x = hi + lo; hi*hi + hi*lo + lo*hi), about fp32 accuracy.
-// CAUSAL zeroes entries of a 2L x 2L result outside the chunk masks (see the top).
+// CAUSAL = L zeroes entries of a 2L x 2L result outside the chunk masks (see the top); 0: no mask.
 // Every size is a template argument (the loops unroll, the addresses are constants). NW = warps in the block.
 // Warp w takes tiles w ^ W0, w ^ W0 + NW, ...: two products of 4 tiles in one phase run on different warps when one
 // of them has W0 = NW / 2 (NW is a power of two), instead of both on warps 0-3 while 4-7 wait at the barrier.
-template <int NW, bool TA, bool TB, int PASSES, bool CAUSAL, int M, int Nn, int K, int lda, int ldb, int ldc, int W0 = 0>
+template <int NW, bool TA, bool TB, int PASSES, int CAUSAL, int M, int Nn, int K, int lda, int ldb, int ldc, int W0 = 0>
 __device__ void mm(float* C, const float* A, const float* B, bool acc) {
   using namespace nvcuda;
   using LA = typename std::conditional<TA, wmma::col_major, wmma::row_major>::type;
@@ -145,14 +156,14 @@ __device__ void mm(float* C, const float* A, const float* B, bool acc) {
       __syncwarp();
       for (int e = threadIdx.x % 32; e < 256; e += 32) {
         const int t = m0 + e / 16, s = n0 + e % 16;
-        if (s % L > t % L - (t >= L)) C[t * ldc + s] = 0.f;
+        if (s % CAUSAL > t % CAUSAL - (t >= CAUSAL)) C[t * ldc + s] = 0.f;
       }
     }
   }
 }
 
 // Raw chunk inputs: RA = [r; a], KB = [k; b] (rows = steps), LAM = lambda. Steps past T: zeros, lambda 0.
-template <int NTH>
+template <int L, int NTH>
 __device__ void load_keys(const Args& p, int bb, int h, int t0, float* RA, float* KB, float* LAM) {
   for (int e = threadIdx.x; e < L * N / 4; e += NTH) {
     const int t = e / (N / 4), j = e % (N / 4) * 4, tt = t0 + t;
@@ -168,7 +179,7 @@ __device__ void load_keys(const Args& p, int bb, int h, int t0, float* RA, float
 }
 // Value-indexed chunk rows of this block's NV rows, NR arrays at once (v; dy): xs[x] -> dst[x][t][i]; steps past
 // T are zeros. All NR loads are in flight before the first store (one wait for memory, not NR).
-template <int NV, int NTH, int NR>
+template <int L, int NV, int NTH, int NR>
 __device__ void load_rows(const Args& p, const bf16* const (&xs)[NR], int bb, int h, int t0, int row0,
                           float* const (&dst)[NR], int ld) {
   for (int e = threadIdx.x; e < L * NV / 4; e += NTH) {
@@ -179,7 +190,7 @@ __device__ void load_rows(const Args& p, const bf16* const (&xs)[NR], int bb, in
     for (int x = 0; x < NR; x++) st4s(dst[x] + t * ld + i, f[x]);
   }
 }
-template <int NV, int NTH>
+template <int L, int NV, int NTH>
 __device__ void store_rows(const Args& p, bf16* x, int bb, int h, int t0, int row0, const float* src, int ld) {
   for (int e = threadIdx.x; e < L * NV / 4; e += NTH) {
     const int t = e / (NV / 4), i = e % (NV / 4) * 4, tt = t0 + t;
@@ -213,7 +224,7 @@ __device__ void copy_state(float* smem_rows, float* g) {
 
 // In place, from the raw inputs and LAM: RA = [r G_t; a G_{t-1}], KB = [k / G_t; b / G_t]; KBb = [k G_L / G_t;
 // b G_L / G_t]; GL = G_L; LG = g_t if given. Thread: one key j, a run of steps (it sums lambda over the whole chunk).
-template <int NTH>
+template <int L, int NTH>
 __device__ void decay_factors(const float* LAM, float* RA, float* KB, float* KBb, float* GL, float* LG) {
   constexpr int steps = L * N / NTH;
   const int j = threadIdx.x % N, t_begin = threadIdx.x / N * steps;
@@ -236,7 +247,9 @@ __device__ void decay_factors(const float* LAM, float* RA, float* KB, float* KBb
   }
 }
 // TI = (I - M_ab)^-1 by substitution, one column per thread (threads 0..L-1); M_ab = M[L:, L:].
+template <int L>
 __device__ void invert(const float* M, float* TI) {
+  constexpr int LD2 = 2 * L + 4, LDL = L + 4;
   const int s = threadIdx.x;
   if (s >= L) return;
   float x[L];  // x[t] = delta_ts + sum_{u<t} M_ab[t,u] x[u], applied column by column (short dependency chains)
@@ -250,9 +263,9 @@ __device__ void invert(const float* M, float* TI) {
   }
 }
 
-template <int NV>
+template <int NV, int L = LF>
 struct FwdSmem {  // offsets (floats) into dynamic shared memory; every size is a multiple of 8 (32 bytes)
-  static constexpr int LDV = NV + 4, RA = 0, KB = RA + 2 * L * LDN, KBb = KB + 2 * L * LDN, LG = KBb + 2 * L * LDN,
+  static constexpr int LD2 = 2 * L + 4, LDL = L + 4, LDV = NV + 4, RA = 0, KB = RA + 2 * L * LDN, KBb = KB + 2 * L * LDN, LG = KBb + 2 * L * LDN,
                        GL = LG + L * LDN, S = GL + N, VU = S + NV * LDN, YX = VU + 2 * L * LDV, M = YX + 2 * L * LDV,
                        TI = M + 2 * L * LD2, SIZE = TI + L * LDL;
 };
@@ -260,44 +273,47 @@ struct FwdSmem {  // offsets (floats) into dynamic shared memory; every size is 
 template <int NV>
 __global__ void __launch_bounds__(NT, WKV7_FWD_MINB) wkv7_forward(Args p, const float* s0, bf16* y, float* sT, float* ckpt) {
   using F = FwdSmem<NV>;
-  constexpr int LDV = F::LDV, G = N / NV, NTH = NT, NW = NT / 32;
+  constexpr int L = LF, LD2 = F::LD2, LDL = F::LDL, LDV = F::LDV, G = N / NV, NTH = NT, NW = NT / 32;
+  constexpr int CK = LB / LF;  // the backward's chunks are CK of these: the state is saved every CK chunks
   extern __shared__ __align__(128) float smem[];
   float *RA = smem + F::RA, *KB = smem + F::KB, *KBb = smem + F::KBb, *LG = smem + F::LG, *GL = smem + F::GL,
         *S = smem + F::S, *VU = smem + F::VU, *YX = smem + F::YX, *M = smem + F::M, *TI = smem + F::TI;
   const int bh = blockIdx.x / G, h = bh % p.H, bb = bh / p.H, row0 = blockIdx.x % G * NV, nC = (p.T + L - 1) / L;
+  const int nCB = (p.T + LB - 1) / LB;  // the backward's chunks: ckpt holds nCB + 1 states per head
   const size_t rows = ((size_t)bh * N + row0) * N;  // this block's rows in a (B, H, N, N) state
+  float* ck = ckpt + (size_t)bh * (nCB + 1) * N * N + row0 * N;  // this block's rows of saved state i: ck + i N^2
   copy_state<NV, true, NTH>(S, const_cast<float*>(s0) + rows);
   for (int c = 0; c < nC; c++) {
     const int t0 = c * L;
     __syncthreads();
-    if (c) store_rows<NV, NTH>(p, y, bb, h, t0 - L, row0, YX, LDV);
-    copy_state<NV, false, NTH>(S, ckpt + ((size_t)bh * (nC + 1) + c) * N * N + row0 * N);
-    load_keys<NTH>(p, bb, h, t0, RA, KB, LG);
-    load_rows<NV, NTH, 1>(p, {p.v}, bb, h, t0, row0, {VU}, LDV);
+    if (c) store_rows<L, NV, NTH>(p, y, bb, h, t0 - L, row0, YX, LDV);
+    if (c % CK == 0) copy_state<NV, false, NTH>(S, ck + (size_t)(c / CK) * N * N);
+    load_keys<L, NTH>(p, bb, h, t0, RA, KB, LG);
+    load_rows<L, NV, NTH, 1>(p, {p.v}, bb, h, t0, row0, {VU}, LDV);
     __syncthreads();
-    decay_factors<NTH>(LG, RA, KB, KBb, GL, nullptr);
+    decay_factors<L, NTH>(LG, RA, KB, KBb, GL, nullptr);
     __syncthreads();
-    mm<NW, false, true, PS, true, 2 * L, 2 * L, N, LDN, LDN, LD2>(M, RA, KB, false);  // M = mask([R; A] [K^; B^]^T)
-    mm<NW, false, true, PB, false, 2 * L, NV, N, LDN, LDN, LDV>(YX, RA, S, false);          // [Y; X] = [R; A] S0^T
+    mm<NW, false, true, PS, L, 2 * L, 2 * L, N, LDN, LDN, LD2>(M, RA, KB, false);  // M = mask([R; A] [K^; B^]^T)
+    mm<NW, false, true, PB, 0, 2 * L, NV, N, LDN, LDN, LDV>(YX, RA, S, false);          // [Y; X] = [R; A] S0^T
     __syncthreads();
-    invert(M, TI);
-    mm<NW, false, false, PS, false, 2 * L, NV, L, LD2, LDV, LDV>(YX, M, VU, true);  // [Y; X] += [M_rk; M_ak] V
+    invert<L>(M, TI);
+    mm<NW, false, false, PS, 0, 2 * L, NV, L, LD2, LDV, LDV>(YX, M, VU, true);  // [Y; X] += [M_rk; M_ak] V
     for (int e = threadIdx.x; e < NV * N; e += NTH) S[e / N * LDN + e % N] *= GL[e % N];
     __syncthreads();
-    mm<NW, false, false, PS, false, L, NV, L, LDL, LDV, LDV>(VU + L * LDV, TI, YX + L * LDV, false);  // U = (I - M_ab)^-1 X
+    mm<NW, false, false, PS, 0, L, NV, L, LDL, LDV, LDV>(VU + L * LDV, TI, YX + L * LDV, false);  // U = (I - M_ab)^-1 X
     __syncthreads();
-    mm<NW, false, false, PS, false, L, NV, L, LD2, LDV, LDV>(YX, M + L, VU + L * LDV, true);  // Y += M_rb U
-    mm<NW, true, false, PB, false, NV, N, 2 * L, LDV, LDN, LDN>(S, VU, KBb, true);           // S += [V; U]^T [K_; B_]
+    mm<NW, false, false, PS, 0, L, NV, L, LD2, LDV, LDV>(YX, M + L, VU + L * LDV, true);  // Y += M_rb U
+    mm<NW, true, false, PB, 0, NV, N, 2 * L, LDV, LDN, LDN>(S, VU, KBb, true);           // S += [V; U]^T [K_; B_]
   }
   __syncthreads();
-  if (nC) store_rows<NV, NTH>(p, y, bb, h, (nC - 1) * L, row0, YX, LDV);
+  if (nC) store_rows<L, NV, NTH>(p, y, bb, h, (nC - 1) * L, row0, YX, LDV);
   copy_state<NV, false, NTH>(S, sT + rows);
-  copy_state<NV, false, NTH>(S, ckpt + ((size_t)bh * (nC + 1) + nC) * N * N + row0 * N);  // the backward's last S_end
+  copy_state<NV, false, NTH>(S, ck + (size_t)nCB * N * N);  // the backward's last S_end
 }
 
-template <int NV>
-struct BwdSmem {  // 113 KB at NV = 64 (two blocks per SM on sm_90)
-  static constexpr int LDV = NV + 4, RA = 0, KB = RA + 2 * L * LDN, dRA = KB + 2 * L * LDN, dKB = dRA + 2 * L * LDN,
+template <int NV, int L = LB>
+struct BwdSmem {  // 113 KB at NV = 64, L = 16 (two blocks per SM on sm_90)
+  static constexpr int LD2 = 2 * L + 4, LDL = L + 4, LDV = NV + 4, RA = 0, KB = RA + 2 * L * LDN, dRA = KB + 2 * L * LDN, dKB = dRA + 2 * L * LDN,
                        LG = dKB + 2 * L * LDN, GL = LG + L * LDN, DGL = GL + N, S0 = DGL + N, dS = S0 + NV * LDN,
                        VU = dS + NV * LDN, dYX = VU + 2 * L * LDV, dVU = dYX + 2 * L * LDV, X = dVU + 2 * L * LDV,
                        M = X + L * LDV, D = M + 2 * L * LD2, TI = D + 2 * L * LD2, SIZE = TI + L * LDL;
@@ -347,7 +363,7 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
     wkv7_backward(Args p, const float* ckpt, const bf16* dy, const float* dsT, bf16* dr, bf16* dw, bf16* dk, bf16* dv,
                   bf16* da, bf16* db, float* ds0, float* gacc) {
   using F = BwdSmem<NV>;
-  constexpr int LDV = F::LDV, G = N / NV, NTH = NT_BWD, NW = NT_BWD / 32;
+  constexpr int L = LB, LD2 = F::LD2, LDL = F::LDL, LDV = F::LDV, G = N / NV, NTH = NT_BWD, NW = NT_BWD / 32;
   extern __shared__ __align__(128) float smem[];
   float *RA = smem + F::RA, *KB = smem + F::KB, *dRA = smem + F::dRA, *dKB = smem + F::dKB, *LG = smem + F::LG,
         *GL = smem + F::GL, *DGL = smem + F::DGL, *S0 = smem + F::S0, *dS = smem + F::dS, *VU = smem + F::VU,
@@ -367,8 +383,8 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
     const int t0 = c * L;
     __syncthreads(); WKV7_PROF(0);
     async_state<NV, NTH>(S0, ck + (size_t)c * N * N);  // first: in flight during the loads below
-    load_keys<NTH>(p, bb, h, t0, RA, KB, LG);  // LG: lambda for now
-    load_rows<NV, NTH, 2>(p, {p.v, dy}, bb, h, t0, row0, {VU, dYX}, LDV);
+    load_keys<L, NTH>(p, bb, h, t0, RA, KB, LG);  // LG: lambda for now
+    load_rows<L, NV, NTH, 2>(p, {p.v, dy}, bb, h, t0, row0, {VU, dYX}, LDV);
     async_state_wait();
     __syncthreads(); WKV7_PROF(1);
     if (threadIdx.x < N) {  // g_t = cumulative lambda, in place; G_L
@@ -387,26 +403,26 @@ __global__ void __launch_bounds__(NT_BWD, WKV7_BWD_MINB)
     __syncthreads(); WKV7_PROF(3);
     // with K_ = K^ diag(G_L): [K_; B_] dS^T = [K^; B^] (dS diag(G_L))^T, and the K_ gradient lands in dKB already
     // scaled by G_L, which is what the chain rule below needs
-    mm<NW, false, true, PS, true, 2 * L, 2 * L, N, LDN, LDN, LD2>(M, RA, KB, false);  // M
-    mm<NW, false, true, PB, false, L, NV, N, LDN, LDN, LDV, NW / 2>(X, RA + L * LDN, S0, false);  // X = A S0^T
-    mm<NW, false, true, PB, false, 2 * L, NV, N, LDN, LDN, LDV>(dVU, KB, dS, false);         // [dV; dU] = [K_; B_] dS^T
+    mm<NW, false, true, PS, L, 2 * L, 2 * L, N, LDN, LDN, LD2>(M, RA, KB, false);  // M
+    mm<NW, false, true, PB, 0, L, NV, N, LDN, LDN, LDV, NW / 2>(X, RA + L * LDN, S0, false);  // X = A S0^T
+    mm<NW, false, true, PB, 0, 2 * L, NV, N, LDN, LDN, LDV>(dVU, KB, dS, false);         // [dV; dU] = [K_; B_] dS^T
     __syncthreads(); WKV7_PROF(4);
-    invert(M, TI);
-    mm<NW, false, false, PS, false, L, NV, L, LD2, LDV, LDV, NW / 2>(X, M + L * LD2, VU, true);     // X += M_ak V
-    mm<NW, true, false, PS, false, L, NV, L, LD2, LDV, LDV>(dVU + L * LDV, M + L, dYX, true);       // dU += M_rb^T dY
+    invert<L>(M, TI);
+    mm<NW, false, false, PS, 0, L, NV, L, LD2, LDV, LDV, NW / 2>(X, M + L * LD2, VU, true);     // X += M_ak V
+    mm<NW, true, false, PS, 0, L, NV, L, LD2, LDV, LDV>(dVU + L * LDV, M + L, dYX, true);       // dU += M_rb^T dY
     __syncthreads(); WKV7_PROF(5);
-    mm<NW, false, false, PS, false, L, NV, L, LDL, LDV, LDV>(VU + L * LDV, TI, X, false);            // U = (I - M_ab)^-1 X
-    mm<NW, true, false, PS, false, L, NV, L, LDL, LDV, LDV, NW / 2>(dYX + L * LDV, TI, dVU + L * LDV, false);  // dX = (I - M_ab)^-T dU
+    mm<NW, false, false, PS, 0, L, NV, L, LDL, LDV, LDV>(VU + L * LDV, TI, X, false);            // U = (I - M_ab)^-1 X
+    mm<NW, true, false, PS, 0, L, NV, L, LDL, LDV, LDV, NW / 2>(dYX + L * LDV, TI, dVU + L * LDV, false);  // dX = (I - M_ab)^-T dU
     __syncthreads(); WKV7_PROF(6);
-    mm<NW, false, true, PS, true, 2 * L, 2 * L, NV, LDV, LDV, LD2>(D, dYX, VU, false);  // D = mask([dY; dX] [V; U]^T)
-    mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dKB, VU, dS, false);         // d[K^; B^] = [V; U] dS G_L ...
-    mm<NW, false, false, PB, false, 2 * L, N, NV, LDV, LDN, LDN>(dRA, dYX, S0, false);        // d[R; A] = [dY; dX] S0 ...
-    mm<NW, true, false, PS, false, L, NV, 2 * L, LD2, LDV, LDV, NW / 2>(dVU, M, dYX, true);      // dV += [M_rk; M_ak]^T [dY; dX]
+    mm<NW, false, true, PS, L, 2 * L, 2 * L, NV, LDV, LDV, LD2>(D, dYX, VU, false);  // D = mask([dY; dX] [V; U]^T)
+    mm<NW, false, false, PB, 0, 2 * L, N, NV, LDV, LDN, LDN>(dKB, VU, dS, false);         // d[K^; B^] = [V; U] dS G_L ...
+    mm<NW, false, false, PB, 0, 2 * L, N, NV, LDV, LDN, LDN>(dRA, dYX, S0, false);        // d[R; A] = [dY; dX] S0 ...
+    mm<NW, true, false, PS, 0, L, NV, 2 * L, LD2, LDV, LDV, NW / 2>(dVU, M, dYX, true);      // dV += [M_rk; M_ak]^T [dY; dX]
     __syncthreads(); WKV7_PROF(7);
-    mm<NW, false, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dRA, D, KB, true);  // ... + D [K^; B^]
-    mm<NW, true, false, PS, false, 2 * L, N, 2 * L, LD2, LDN, LDN>(dKB, D, RA, true);   // ... + D^T [R; A]
-    mm<NW, true, false, PB, false, NV, N, 2 * L, LDV, LDN, LDN>(dS, dYX, RA, true);     // dS0 = dS G_L + [dY; dX]^T [R; A]
-    store_rows<NV, NTH>(p, dv, bb, h, t0, row0, dVU, LDV);
+    mm<NW, false, false, PS, 0, 2 * L, N, 2 * L, LD2, LDN, LDN>(dRA, D, KB, true);  // ... + D [K^; B^]
+    mm<NW, true, false, PS, 0, 2 * L, N, 2 * L, LD2, LDN, LDN>(dKB, D, RA, true);   // ... + D^T [R; A]
+    mm<NW, true, false, PB, 0, NV, N, 2 * L, LDV, LDN, LDN>(dS, dYX, RA, true);     // dS0 = dS G_L + [dY; dX]^T [R; A]
+    store_rows<L, NV, NTH>(p, dv, bb, h, t0, row0, dVU, LDV);
     __syncthreads(); WKV7_PROF(8);
     float* LAM = M;  // M and D are free from here on: this chunk's lambda, for dw below (w is read here, by all threads)
     const float dgl = threadIdx.x < N ? DGL[threadIdx.x] : 0.f;  // read now: dgl_sums rewrites DGL next to the dw loop
@@ -481,12 +497,12 @@ static int rows_per_block(int64_t nv, int64_t heads, int64_t want_blocks, int ma
 }
 // The most state rows per block: what fits this GPU's shared memory, and at most 32 for head size 128 (the backward's
 // 64 rows would need 240 KB, more than an H100's 227; the forward with 64 rows has not been tested).
-template <template <int> class Smem>
+template <template <int, int> class Smem, int L>
 static int max_rows(int dev) {
   int smem_max = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  const int nv = Smem<N < 64 ? N : 64>::SIZE * 4 <= smem_max ? 64 : Smem<32>::SIZE * 4 <= smem_max ? 32 : 16;
-  TORCH_CHECK(Smem<16>::SIZE * 4 <= smem_max, "wkv7: head size ", N, " needs ", Smem<16>::SIZE * 4 / 1024,
+  const int nv = Smem<N < 64 ? N : 64, L>::SIZE * 4 <= smem_max ? 64 : Smem<32, L>::SIZE * 4 <= smem_max ? 32 : 16;
+  TORCH_CHECK(Smem<16, L>::SIZE * 4 <= smem_max, "wkv7: head size ", N, " needs ", Smem<16, L>::SIZE * 4 / 1024,
               " KB of shared memory per block; this GPU has ", smem_max / 1024, " KB");
   return N > 64 ? (nv < 32 ? nv : 32) : nv < N ? nv : N;
 }
@@ -504,14 +520,14 @@ void forward(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v,
              const Tensor& s0, Tensor& y, Tensor& sT, Tensor& ckpt, int64_t nv) {
   const Args p = check(r, w, k, v, a, b);
   const int64_t heads = r.size(0) * r.size(2);
-  TORCH_CHECK(ckpt.numel() == heads * ((p.T + L - 1) / L + 1) * N * N && s0.numel() == heads * N * N, "wkv7: sizes");
+  TORCH_CHECK(ckpt.numel() == heads * ((p.T + LB - 1) / LB + 1) * N * N && s0.numel() == heads * N * N, "wkv7: sizes");
   auto run = [&](auto nv_) {
     constexpr int NV = decltype(nv_)::value;
     const size_t smem = FwdSmem<NV>::SIZE * sizeof(float);
     WKV7_LAUNCH(wkv7_forward<NV>, (unsigned)(heads * (N / NV)), NT, smem, p, s0.data_ptr<float>(),
                 reinterpret_cast<bf16*>(y.data_ptr()), sT.data_ptr<float>(), ckpt.data_ptr<float>());
   };
-  switch (rows_per_block(nv, heads, 264, max_rows<FwdSmem>(r.get_device()))) {
+  switch (rows_per_block(nv, heads, 264, max_rows<FwdSmem, LF>(r.get_device()))) {
     case 16: run(std::integral_constant<int, 16>()); break;
     case 32: run(std::integral_constant<int, 32>()); break;
     default: run(std::integral_constant<int, N < 64 ? N : 64>());
@@ -523,7 +539,7 @@ void backward(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v
               Tensor& da, Tensor& db, Tensor& ds0, int64_t nv) {
   const Args p = check(r, w, k, v, a, b);
   const int64_t heads = r.size(0) * r.size(2);
-  const int NV = rows_per_block(nv, heads, 132, max_rows<BwdSmem>(r.get_device()));
+  const int NV = rows_per_block(nv, heads, 132, max_rows<BwdSmem, LB>(r.get_device()));
   Tensor gacc;  // fp32 sums of the key-side gradients when a head is split over several blocks
   if (NV < N) gacc = at::zeros({5, r.numel()}, r.options().dtype(at::kFloat));
   auto bp = [](Tensor& x) { return reinterpret_cast<bf16*>(x.data_ptr()); };
@@ -557,7 +573,7 @@ WKV7_LIBRARY(WKV7_NS, m) {
 #ifdef WKV7_PROFILE
   m.def("prof_read(Tensor(a!) out) -> ()", &wkv7::prof_read);
 #endif
-  m.def("chunk_len() -> int", []() -> int64_t { return wkv7::L; });  // ckpt: ceil(T / L) + 1 states per head
+  m.def("chunk_len() -> int", []() -> int64_t { return wkv7::LB; });  // ckpt: ceil(T / LB) + 1 states per head
   m.def("forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, "
         "Tensor(a!) y, Tensor(b!) sT, Tensor(c!) ckpt, int nv) -> ()");
   m.def("backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor ckpt, Tensor dy, Tensor dsT, "

@@ -5,7 +5,7 @@
 #include "wkv7_emu.h"
 #include WKV7_SRC
 using wkv7::bf16;
-extern "C" int emu_chunk_len() { return wkv7::L; }
+extern "C" int emu_chunk_len() { return wkv7::LB; }  // the spacing of the saved states
 static wkv7::Args args(int T, int H, const uint16_t* r, const uint16_t* w, const uint16_t* k, const uint16_t* v,
                        const uint16_t* a, const uint16_t* b) {
   auto c = [](const uint16_t* x) { return reinterpret_cast<const bf16*>(x); };
