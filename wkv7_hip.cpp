@@ -399,7 +399,7 @@ void backward(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v
 }  // namespace wkv7
 
 WKV7_LIBRARY(WKV7_NS, m) {
-  m.def("chunk_len() -> int", []() -> int64_t { return wkv7::L; });  // steps per saved state (sizes ckpt)
+  m.def("chunk_len() -> int", []() -> int64_t { return wkv7::LB; });  // steps per saved state (sizes ckpt)
   m.def("forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, "
         "Tensor(a!) y, Tensor(b!) sT, Tensor(c!) ckpt, int nv) -> ()");
   m.def("backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor ckpt, Tensor dy, Tensor dsT, "
