@@ -32,7 +32,7 @@ __device__ __forceinline__ bf16 __float2bfloat16_rn(float f) {  // round to near
   return bf16{(unsigned short)(f != f ? 0x7fc0u : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
 }
 constexpr int N = _N_, L = _L_, NT = 256, NT_BWD = 256;  // threads per block (any multiple of 64 or 32 works)
-constexpr int LB = L;  // the spacing of the saved states (ckpt): one chunk, forward and backward alike
+[[maybe_unused]] constexpr int LB = L;  // the spacing of the saved states (ckpt): one chunk, forward and backward alike
 constexpr int LDN = N + 4, LD2 = 2 * L + 4, LDL = L + 4;  // padded row lengths of shared-memory tiles
 constexpr float LOG_DECAY_SCALE = -0.6065306597126334f;    // lambda = LOG_DECAY_SCALE * sigmoid(w)
 static_assert(N % 16 == 0 && N <= NT && L * N % NT_BWD == 0 && L * N % NT == 0, "head size");
