@@ -11,6 +11,7 @@ Speed of the WKV7 implementations, measured by a script rather than by tests.
     python bench.py --sweep         # GPU: also time every rows-per-block setting of the kernel (tuning)
     python bench.py --phases        # GPU: cycles of each phase of the kernel's backward (a -DWKV7_PROFILE build)
     python bench.py --no-fla        # GPU: skip fla's chunk_rwkv7 even when it is importable
+    python bench.py --builds="-DWKV7_BWD_L=32 -DWKV7_BWD_MINB=1;..."   # GPU: also time these WKV7_CFLAGS builds
     python bench.py --decode        # GPU: L12-D768 decoding tok/s at batch 1 and 64 (eager, CUDA graph, compiled + graph)
                                     # and the `rwkv` package's 'cuda fp16' strategy at batch 1, in the same run
     python bench.py --long          # long-context training of the 0.4B shape at ctx 32768 and 131072 (a tiny model on CPU)
@@ -167,8 +168,22 @@ def fla_impl():
     return run
 
 
-def bench_gpu(sweep=False, use_fla=True):
-    impls = {"wkv7.cu": lambda *x: wkv7_kernel(*x)}
+def kernel_built_with(cflags):
+    """wkv7_kernel on a build of wkv7.cu with these WKV7_CFLAGS (each set of flags is an extension of its own)."""
+    os.environ["WKV7_CFLAGS"] = cflags
+    model._WKV7_OPS.clear()
+    ops = model.wkv7_ops(64)
+
+    def run(*x):
+        model._WKV7_OPS[64] = ops
+        return wkv7_kernel(*x)
+    return run
+
+
+def bench_gpu(sweep=False, use_fla=True, builds=()):
+    """builds: more WKV7_CFLAGS settings of wkv7.cu, each timed beside the default build in this run."""
+    impls = {"wkv7.cu": kernel_built_with(os.environ.get("WKV7_CFLAGS", ""))}
+    impls |= {f"wkv7.cu {flags}": kernel_built_with(flags) for flags in builds}
     fla = fla_impl() if use_fla else None
     if fla is not None:
         impls["fla chunk_rwkv7"] = fla
@@ -197,11 +212,12 @@ def bench_gpu(sweep=False, use_fla=True):
             rows.append(row)
         del xs, leaves, dy
         torch.cuda.empty_cache()
-    print(f"\n{'shape (B, T, C)':<18}{'implementation':<22}{'fwd ms':>9}{'fwd+bwd ms':>12}{'target':>8}"
+    width = max([22] + [len(name) + 2 for name in impls])
+    print(f"\n{'shape (B, T, C)':<18}{'implementation':<{width}}{'fwd ms':>9}{'fwd+bwd ms':>12}{'target':>8}"
           f"{'peak GB':>9}{'max rel err':>13}")
     for shape, name, f, fb, mem, err in rows:
-        target = f"{TARGET_MS[shape]:.2f}" if name == "wkv7.cu" else ""
-        print(f"{str(shape):<18}{name:<22}{f:>9.2f}{fb:>12.2f}{target:>8}{mem:>9.2f}{err:>13.1e}")
+        target = f"{TARGET_MS[shape]:.2f}" if name.startswith("wkv7.cu") else ""
+        print(f"{str(shape):<18}{name:<{width}}{f:>9.2f}{fb:>12.2f}{target:>8}{mem:>9.2f}{err:>13.1e}")
 
 
 # the backward's phases, in the order of its WKV7_PROF(k) marks in wkv7.cu
@@ -508,4 +524,5 @@ if __name__ == "__main__":
     elif device == "cpu":
         bench_cpu()
     else:
-        bench_gpu(sweep="--sweep" in sys.argv, use_fla="--no-fla" not in sys.argv)
+        builds = next((a.split("=", 1)[1].split(";") for a in sys.argv[1:] if a.startswith("--builds=")), [])
+        bench_gpu(sweep="--sweep" in sys.argv, use_fla="--no-fla" not in sys.argv, builds=builds)

@@ -30,7 +30,10 @@
 // 2 blocks/SM on sm_90, which is why the backward keeps no K_, B_, lambda or second dS).
 // Flags (model.py passes them): -D_N_=64 -DWKV7_NS=wkv7_n64 --use_fast_math -O3. Tuning macros (WKV7_CFLAGS):
 // WKV7_TF32X=3 (state-sized products in split tf32 too), WKV7_TF32X_SMALL=1 (chunk-sized ones in plain tf32:
-// ~10% faster, errors closer to the 4e-3 test bound), WKV7_BWD_THREADS, WKV7_FWD_MINB, WKV7_UNROLL. sm_80+.
+// ~10% faster, errors closer to the 4e-3 test bound), WKV7_BWD_THREADS, WKV7_FWD_THREADS, WKV7_FWD_MINB,
+// WKV7_BWD_MINB, WKV7_UNROLL, and the chunk lengths WKV7_FWD_L and WKV7_BWD_L (16 each; the backward's must be a
+// multiple of the forward's: the forward then saves every (BWD_L / FWD_L)-th chunk's start state, and ckpt holds
+// ceil(T / BWD_L) + 1 states). BWD_L = 32 takes 214 KB at NV = 64 (one block per SM: pair it with BWD_MINB=1). sm_80+.
 // Test: pytest -m gpu tests/test_wkv7_gpu.py   Bench: python bench.py
 
 #ifndef WKV7_EMU
