@@ -21,20 +21,22 @@ TOL = 4e-3
 BF16_NAN = 0x7FC0
 
 
-@pytest.fixture(scope="module", params=[("wkv7.cu", 64), ("wkv7.cu", 128), ("wkv7_hip.cpp", 64)],
-                ids=["wkv7.cu", "wkv7.cu-N128", "wkv7_hip.cpp"])
+@pytest.fixture(scope="module", params=[("wkv7.cu", 64, ""), ("wkv7.cu", 128, ""), ("wkv7_hip.cpp", 64, ""),
+                                        ("wkv7.cu", 64, "-DWKV7_BWD_L=32")],
+                ids=["wkv7.cu", "wkv7.cu-N128", "wkv7_hip.cpp", "wkv7.cu-BWD_L32"])
 def lib(request, tmp_path_factory):
     """The kernel file built for the CPU, for head size N. wkv7_hip.cpp (8-step chunks, fp32 loops, 16 rows per
     backward block) has no AMD GPU to run on here, so this is where its logic is checked. Head size 128 runs here with
-    64 rows per block too, which the GPU host code never picks (not enough shared memory): same logic, more cases."""
-    name, N = request.param
+    64 rows per block too, which the GPU host code never picks (not enough shared memory): same logic, more cases.
+    BWD_L32: the backward in 32-step chunks over a forward in 16-step chunks that saves every second state."""
+    name, N, flags = request.param
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         pytest.fail("no C++ compiler (g++, C++20) to build tests/wkv7_emu.cpp; set CXX")
     out = str(tmp_path_factory.mktemp("emu") / "libwkv7emu.so")
     src = os.path.join(HERE, "..", name)
     subprocess.run([cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-w", f'-DWKV7_SRC="{src}"',
-                    f"-D_N_={N}", *os.environ.get("WKV7_EMU_CFLAGS", "").split(), os.path.join(HERE, "wkv7_emu.cpp"),
+                    f"-D_N_={N}", *flags.split(), *os.environ.get("WKV7_EMU_CFLAGS", "").split(), os.path.join(HERE, "wkv7_emu.cpp"),
                     "-o", out], check=True)
     emu = ctypes.CDLL(out)
     emu.hip, emu.N = name.endswith("hip.cpp"), N
