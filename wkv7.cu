@@ -83,7 +83,8 @@ constexpr int LDN = N + 4;  // padded row length of shared-memory tiles; chunk-s
 constexpr int PB = WKV7_TF32X, PS = WKV7_TF32X_SMALL;     // tensor-core passes: state-sized, chunk-sized products
 constexpr int UNROLL = WKV7_UNROLL;                        // k-steps per iteration in mm
 constexpr float LOG_DECAY_SCALE = -0.6065306597126334f;    // lambda = LOG_DECAY_SCALE * sigmoid(w)
-static_assert(N % 16 == 0 && N <= NT && LB * N % NT_BWD == 0 && LB % LF == 0, "head size, chunk lengths");
+static_assert(N % 16 == 0 && N <= NT && LB * N % NT_BWD == 0 && LB % LF == 0 && N <= 8 * LB + 16,
+              "head size, chunk lengths");  // the last: the backward's LAM (LB x N) fits in its M and D
 
 struct Args {
   const bf16 *r, *w, *k, *v, *a, *b;  // (B, T, H, N)
@@ -268,7 +269,8 @@ __device__ void invert(const float* M, float* TI) {
 
 template <int NV, int L = LF>
 struct FwdSmem {  // offsets (floats) into dynamic shared memory; every size is a multiple of 8 (32 bytes)
-  static constexpr int LD2 = 2 * L + 4, LDL = L + 4, LDV = NV + 4, RA = 0, KB = RA + 2 * L * LDN, KBb = KB + 2 * L * LDN, LG = KBb + 2 * L * LDN,
+  static constexpr int LD2 = 2 * L + 4, LDL = L + 4, LDV = NV + 4;
+  static constexpr int RA = 0, KB = RA + 2 * L * LDN, KBb = KB + 2 * L * LDN, LG = KBb + 2 * L * LDN,
                        GL = LG + L * LDN, S = GL + N, VU = S + NV * LDN, YX = VU + 2 * L * LDV, M = YX + 2 * L * LDV,
                        TI = M + 2 * L * LD2, SIZE = TI + L * LDL;
 };
@@ -316,7 +318,8 @@ __global__ void __launch_bounds__(NT, WKV7_FWD_MINB) wkv7_forward(Args p, const 
 
 template <int NV, int L = LB>
 struct BwdSmem {  // 113 KB at NV = 64, L = 16 (two blocks per SM on sm_90)
-  static constexpr int LD2 = 2 * L + 4, LDL = L + 4, LDV = NV + 4, RA = 0, KB = RA + 2 * L * LDN, dRA = KB + 2 * L * LDN, dKB = dRA + 2 * L * LDN,
+  static constexpr int LD2 = 2 * L + 4, LDL = L + 4, LDV = NV + 4;
+  static constexpr int RA = 0, KB = RA + 2 * L * LDN, dRA = KB + 2 * L * LDN, dKB = dRA + 2 * L * LDN,
                        LG = dKB + 2 * L * LDN, GL = LG + L * LDN, DGL = GL + N, S0 = DGL + N, dS = S0 + NV * LDN,
                        VU = dS + NV * LDN, dYX = VU + 2 * L * LDV, dVU = dYX + 2 * L * LDV, X = dVU + 2 * L * LDV,
                        M = X + L * LDV, D = M + 2 * L * LD2, TI = D + 2 * L * LD2, SIZE = TI + L * LDL;
