@@ -227,11 +227,12 @@ BWD_PHASES = ["dw loop + d log G_L sums", "loads", "cumsum log G", "G factors, d
 
 def bench_phases(runs=5):
     """Where the backward's time goes: a -DWKV7_PROFILE build sums thread 0's clock between the backward's barriers
-    over all blocks and chunks (its own extension, beside the plain one); printed per 16-step chunk per block."""
+    over all blocks and chunks (its own extension, beside the plain one); printed per backward chunk per block."""
     if not torch.cuda.is_available():
         sys.exit("bench.py --phases needs a CUDA GPU: it profiles wkv7.cu")
     os.environ["WKV7_CFLAGS"] = "-DWKV7_PROFILE"  # read when the kernel is built, which happens below
-    prof_read = getattr(torch.ops, model.wkv7_ops(64)[0].namespace).prof_read
+    fwd_op, _, chunk = model.wkv7_ops(64)  # chunk: the backward's chunk length (WKV7_BWD_L)
+    prof_read = getattr(torch.ops, fwd_op.namespace).prof_read
     counts = torch.zeros(16, dtype=torch.int64)
     for B, T, C in GPU_SHAPES:
         leaves = [x.requires_grad_() for x in random_inputs(B, T, C, dtype=torch.bfloat16, device="cuda")[:6]]
@@ -247,9 +248,9 @@ def bench_phases(runs=5):
         rows = 64  # the kernel's automatic choice (wkv7.cu rows_per_block): split heads until 132 blocks
         while rows > 16 and B * (C // 64) * (64 // rows) < 132:
             rows //= 2
-        per_chunk_block = runs * B * (C // 64) * (64 // rows) * ((T + 15) // 16)
+        per_chunk_block = runs * B * (C // 64) * (64 // rows) * ((T + chunk - 1) // chunk)
         total = counts[:len(BWD_PHASES)].sum().item()
-        print(f"{(B, T, C)}, {rows} rows per block: {total / per_chunk_block:,.0f} cycles per chunk per block")
+        print(f"{(B, T, C)}, {rows} rows per block: {total / per_chunk_block:,.0f} cycles per {chunk}-step chunk per block")
         for name, n in zip(BWD_PHASES, counts.tolist()):
             print(f"  {name:<34}{n / per_chunk_block:>8,.0f}{100 * n / total:>6.0f}%")
 
