@@ -230,7 +230,8 @@ def bench_phases(runs=5):
     over all blocks and chunks (its own extension, beside the plain one); printed per backward chunk per block."""
     if not torch.cuda.is_available():
         sys.exit("bench.py --phases needs a CUDA GPU: it profiles wkv7.cu")
-    os.environ["WKV7_CFLAGS"] = "-DWKV7_PROFILE"  # read when the kernel is built, which happens below
+    # read when the kernel is built, which happens below; other flags (e.g. -DWKV7_BWD_L=32) are kept
+    os.environ["WKV7_CFLAGS"] = (os.environ.get("WKV7_CFLAGS", "") + " -DWKV7_PROFILE").strip()
     fwd_op, _, chunk = model.wkv7_ops(64)  # chunk: the backward's chunk length (WKV7_BWD_L)
     prof_read = getattr(torch.ops, fwd_op.namespace).prof_read
     counts = torch.zeros(16, dtype=torch.int64)
