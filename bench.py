@@ -251,7 +251,8 @@ def bench_phases(runs=5):
             rows //= 2
         per_chunk_block = runs * B * (C // 64) * (64 // rows) * ((T + chunk - 1) // chunk)
         total = counts[:len(BWD_PHASES)].sum().item()
-        print(f"{(B, T, C)}, {rows} rows per block: {total / per_chunk_block:,.0f} cycles per {chunk}-step chunk per block")
+        print(f"{(B, T, C)}, {rows} rows per block: {total / per_chunk_block:,.0f} cycles per {chunk}-step chunk "
+              "per block")
         for name, n in zip(BWD_PHASES, counts.tolist()):
             print(f"  {name:<34}{n / per_chunk_block:>8,.0f}{100 * n / total:>6.0f}%")
 
