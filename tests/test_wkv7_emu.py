@@ -36,8 +36,8 @@ def lib(request, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("emu") / "libwkv7emu.so")
     src = os.path.join(HERE, "..", name)
     subprocess.run([cxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-w", f'-DWKV7_SRC="{src}"',
-                    f"-D_N_={N}", *flags.split(), *os.environ.get("WKV7_EMU_CFLAGS", "").split(), os.path.join(HERE, "wkv7_emu.cpp"),
-                    "-o", out], check=True)
+                    f"-D_N_={N}", *flags.split(), *os.environ.get("WKV7_EMU_CFLAGS", "").split(),
+                    os.path.join(HERE, "wkv7_emu.cpp"), "-o", out], check=True)
     emu = ctypes.CDLL(out)
     emu.hip, emu.N = name.endswith("hip.cpp"), N
     return emu
